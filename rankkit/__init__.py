@@ -1,0 +1,42 @@
+"""rankkit: measure and teach intrinsic rank.
+
+Why can LoRA fine-tune a model by training a tiny low-rank update instead of
+all of its weights? rankkit answers with measurements you can run on a laptop:
+
+* :mod:`rankkit.spectra` -- singular-value spectra and effective rank of weight
+  updates ΔW = W_finetuned - W_pretrained, against a random-matrix baseline, and
+  the LoRA paper's section 7 analyses (subspace similarity, amplification).
+* :mod:`rankkit.tasks` and :mod:`rankkit.train` -- small pretrained models and one
+  readable training loop shared by every fine-tuning method.
+* :mod:`rankkit.lora` -- LoRA adapters in PEFT's vocabulary and file format.
+* :mod:`rankkit.intrinsic` -- random-subspace training θ = θ₀ + P θ_d.
+* :mod:`rankkit.plots` -- figures that return matplotlib objects.
+
+Everything public is re-exported here, so ``import rankkit`` is all a notebook
+needs.
+"""
+
+__version__ = "0.1.0"
+
+from rankkit.checkpoints import load_state_dict, save_state_dict
+from rankkit.spectra import (
+    EFFECTIVE_RANK_METHODS,
+    amplification_factor,
+    delta_weights,
+    effective_rank,
+    gavish_donoho_threshold,
+    principal_angles,
+    random_baseline,
+    rank_report,
+    singular_values,
+    subspace_similarity,
+    subspace_similarity_grid,
+)
+
+# --- tasks / train exports (issue 3) ---
+
+# --- lora exports (issue 4) ---
+
+# --- intrinsic exports (issue 6) ---
+
+__all__ = [name for name in dir() if not name.startswith("_")]
