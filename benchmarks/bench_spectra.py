@@ -8,7 +8,8 @@ Three timings, each the median of ``--repeats`` runs, in one process:
 
 * floor   -- ``torch.linalg.svdvals`` of every matrix rank_report decomposes (ΔW and W of
   each layer), batched per shape, in the same dtype rank_report uses: the least work any
-  exact spectral report can do;
+  exact spectral report can do. A second floor transposes wide matrices first, as
+  rank_report does (same singular values; LAPACK is ~2x faster on tall matrices);
 * rankkit -- ``rankkit.rank_report(base, tuned)`` (ΔW, all measures for ΔW and W, random
   baseline per shape, DataFrame);
 * weightwatcher -- ``WeightWatcher(model=tuned, base_model=base).analyze()``, its default
@@ -53,24 +54,36 @@ def make_pair(blocks: int, d: int, seed: int = 0) -> tuple[nn.Module, nn.Module]
     return base, tuned
 
 
-def floor(base: nn.Module, tuned: nn.Module) -> None:
+def floor(base: nn.Module, tuned: nn.Module, tall: bool = False) -> None:
     sd_b, sd_t = base.state_dict(), tuned.state_dict()
     by_shape: dict[tuple[int, int], list[torch.Tensor]] = {}
     for k, w in sd_t.items():
         if w.ndim == 2:
             by_shape.setdefault(tuple(w.shape), []).extend([w - sd_b[k], w])
     for shape, mats in by_shape.items():
-        torch.linalg.svdvals(torch.stack(mats).to(_compute_dtype(shape)))
+        stack = torch.stack(mats).to(_compute_dtype(shape))
+        torch.linalg.svdvals(stack.mT if tall and shape[0] < shape[1] else stack)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Time each function once per round, rounds repeated: A B C A B C ...
+
+    Interleaving keeps a comparison fair on a noisy, shared machine: a slow spell hits
+    every contender in the same round, and per-round ratios cancel it.
+    """
+    for fn in fns.values():
+        fn()  # warm-up (allocations, lazy imports, MP-median cache)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    return statistics.median(x / y for x, y in zip(a, b))
 
 
 def main() -> None:
@@ -92,30 +105,42 @@ def main() -> None:
         f"model: {args.blocks} blocks x 6 matrices = {n_mats} matrices, width {args.width}..{3 * args.width}"
     )
 
-    t_floor = timed(lambda: floor(base, tuned), args.repeats)
-    t_rankkit = timed(lambda: rankkit.rank_report(base, tuned), args.repeats)
-    print(f"floor (bare svdvals of ΔW and W)   {t_floor:8.3f} s")
-    print(
-        f"rankkit.rank_report                {t_rankkit:8.3f} s   ratio to floor {t_rankkit / t_floor:.2f}x"
-    )
-
+    fns = {
+        "floor": lambda: floor(base, tuned),
+        "floor_tall": lambda: floor(base, tuned, tall=True),
+        "rankkit": lambda: rankkit.rank_report(base, tuned),
+    }
     try:
         import weightwatcher as ww
+
+        logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+
+        def run_ww():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ww.WeightWatcher(model=tuned, base_model=base).analyze()
+
+        fns["weightwatcher"] = run_ww
     except ImportError:
-        print("weightwatcher not installed: pip install weightwatcher (skipped)")
-        return
-    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+        print("weightwatcher not installed: pip install weightwatcher (its row is skipped)")
 
-    def run_ww():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ww.WeightWatcher(model=tuned, base_model=base).analyze()
-
-    t_ww = timed(run_ww, max(1, args.repeats // 2))
-    print(
-        f"weightwatcher analyze(base_model=)  {t_ww:8.3f} s   ratio to floor {t_ww / t_floor:.2f}x; "
-        f"rankkit / weightwatcher = {t_rankkit / t_ww:.3f}"
-    )
+    times = interleaved(fns, args.repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{'':38s}{'median s':>10s}{'ratio to floor':>16s}")
+    labels = {
+        "floor": "floor: bare svdvals of ΔW and W",
+        "floor_tall": "floor, wide matrices transposed",
+        "rankkit": "rankkit.rank_report",
+        "weightwatcher": "WeightWatcher analyze(base_model=)",
+    }
+    for name in times:
+        ratio = median_ratio(times[name], times["floor"])
+        print(f"{labels[name]:38s}{med[name]:10.3f}{ratio:15.2f}x")
+    if "weightwatcher" in times:
+        print(
+            "rankkit / WeightWatcher (median of per-round ratios): "
+            f"{median_ratio(times['rankkit'], times['weightwatcher']):.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -126,6 +126,9 @@ def _svdvals(stack: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(tuple(stack.shape[-2:]))
     if stack.device.type == "mps" and dtype == torch.float64:
         stack = stack.cpu()  # MPS has no float64
+    if stack.shape[-2] < stack.shape[-1]:
+        # Same singular values; LAPACK's gesdd is about 2x faster on tall matrices.
+        stack = stack.mT
     return torch.linalg.svdvals(stack.to(dtype))
 
 
