@@ -34,9 +34,44 @@ from rankkit.spectra import (
 )
 
 # --- tasks / train exports (issue 3) ---
+# isort: split
+from rankkit.tasks import TASKS, Task, get_task, list_tasks
+from rankkit.train import (
+    TrainResult,
+    finetune,
+    fit,
+    freeze_all_but,
+    head_only,
+    resolve_device,
+    set_seed,
+)
 
 # --- lora exports (issue 4) ---
+# isort: split
+from rankkit.lora import (
+    LoraConfig,
+    LoRALinear,
+    apply_lora,
+    count_parameters,
+    load_adapter,
+    lora_delta_weights,
+    lora_state_dict,
+    merge_and_unload,
+    save_adapter,
+)
 
 # --- intrinsic exports (issue 6) ---
+# isort: split
+from rankkit.intrinsic import (
+    HyperplaneProblem,
+    IntrinsicDimensionResult,
+    SubspaceModel,
+    TaskProblem,
+    estimate_intrinsic_dimension,
+    search_intrinsic_dimension,
+)
+from rankkit.projections import fwht, make_projection
+
+from rankkit.batched import MultiLinear, MultiLoRALinear, fit_batched  # isort: skip  (issue 9)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

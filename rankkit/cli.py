@@ -18,7 +18,7 @@ def _add_command(subparsers, name: str, help: str, examples: str) -> argparse.Ar
     """A subparser whose ``--help`` ends with usage examples."""
     return subparsers.add_parser(
         name,
-        help=help,
+        help=help.replace("%", "%%"),  # argparse %-formats help strings ("90%" would break)
         description=help,
         epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -83,11 +83,405 @@ def _cmd_spectrum(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- sweep / plot
+
+
+def _register_sweep(subparsers) -> None:
+    p = _add_command(
+        subparsers,
+        "sweep",
+        "Train LoRA at many ranks (x seeds x target sets) next to full fine-tuning and the "
+        "frozen base; write results.csv, adapters and trade-off figures.",
+        """
+        python -m rankkit sweep                                   # default task, ranks 1..32, 3 seeds
+        python -m rankkit sweep --task topics --targets q v q,v q,k,v,o --ranks 1,2,4,8,64
+        python -m rankkit sweep --ranks 1,4,16 --seeds 0 --alpha 2r --rslora --out runs/quick
+        python -m rankkit sweep --config sweep.toml --jobs 2      # flags override the file
+        python -m rankkit sweep --executor ray --ray-address auto --gpus-per-run 0.25
+        """,
+    )
+    p.add_argument("--config", metavar="TOML", help="sweep config file (same keys as the flags)")
+    p.add_argument("--task", help="task name (python -m rankkit tasks); default digits")
+    p.add_argument("--ranks", help="comma-separated LoRA ranks; default 1,2,4,8,16,32")
+    p.add_argument("--seeds", help="comma-separated seeds; default 0,1,2")
+    p.add_argument(
+        "--targets", nargs="+", metavar="SET",
+        help="target sets to compare, each comma-separated roles ('q,v') or 'all-linear'",
+    )  # fmt: skip
+    p.add_argument("--alpha", help="lora_alpha: a number, 'r' (= rank, default) or e.g. '2r'")
+    p.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the task's)")
+    p.add_argument("--lr", type=float, help="LoRA learning rate (default: the task's)")
+    p.add_argument("--full-lr", type=float, help="learning rate of the baselines")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false", default=None,
+                   help="skip full fine-tuning and frozen-base runs")  # fmt: skip
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/<task>-sweep)")
+    p.add_argument("--jobs", type=int, help="local worker processes (default 1)")
+    p.add_argument("--executor", help="local (default) or ray")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
+    p.add_argument("--cpus-per-run", type=float, help="Ray CPUs per run (default 1)")
+    p.add_argument("--gpus-per-run", type=float, help="Ray GPUs per run, fractions allowed")
+    p.add_argument("--no-batch", dest="batch", action="store_false", default=None,
+                   help="train runs one at a time even where batching applies")  # fmt: skip
+    p.add_argument("--force", action="store_true", help="continue a directory whose config differs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args) -> int:
+    from rankkit.sweep import SweepConfig, format_summary, run_sweep
+
+    values = SweepConfig.from_toml(args.config).__dict__ if args.config else {}
+    flags = {
+        "task": args.task, "ranks": args.ranks, "seeds": args.seeds, "targets": args.targets,
+        "alpha": args.alpha, "rslora": args.rslora, "epochs": args.epochs, "lr": args.lr,
+        "full_lr": args.full_lr, "baselines": args.baselines, "device": args.device,
+        "out": args.out, "jobs": args.jobs, "executor": args.executor,
+        "ray_address": args.ray_address, "cpus_per_run": args.cpus_per_run,
+        "gpus_per_run": args.gpus_per_run, "batch": args.batch,
+    }  # fmt: skip
+    values.update({k: v for k, v in flags.items() if v is not None})
+    config = SweepConfig.from_dict(values, source="sweep options")
+    result = run_sweep(config, force=args.force, progress=not args.quiet)
+    print()
+    print(format_summary(result.results))
+    print()
+    print(f"results: {result.directory / 'results.csv'}")
+    print(f"config:  {result.directory / 'config.json'}")
+    if (result.directory / "adapters").exists():
+        print(f"adapters: {result.directory / 'adapters'}/<run_id>/adapter_model.safetensors")
+    for path in result.figures:
+        print(f"figure:  {path}")
+    failed = (result.results["status"] == "error").sum() if len(result.results) else 0
+    return 1 if failed else 0
+
+
+def _register_plot(subparsers) -> None:
+    p = _add_command(
+        subparsers,
+        "plot",
+        "Redraw a sweep's trade-off figures (rank vs quality, parameters vs quality).",
+        """
+        python -m rankkit plot runs/digits-sweep
+        """,
+    )
+    p.add_argument("run_dir", help="a sweep output directory (holds results.csv)")
+    p.set_defaults(func=_cmd_plot)
+
+
+def _cmd_plot(args) -> int:
+    from rankkit.sweep import write_sweep_figures
+
+    for path in write_sweep_figures(args.run_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- intrinsic-dim
+
+
+def _int_list(tokens: list[str] | None) -> list[int] | None:
+    """``["1,2", "5"]`` -> ``[1, 2, 5]``: accept spaces and commas alike."""
+    if tokens is None:
+        return None
+    try:
+        return [int(t) for tok in tokens for t in tok.split(",") if t.strip()]
+    except ValueError as err:
+        raise ValueError(f"expected integers, got {' '.join(tokens)!r} ({err}).") from None
+
+
+def _register_intrinsic_dim(subparsers) -> None:
+    p = _add_command(
+        subparsers,
+        "intrinsic-dim",
+        "Intrinsic dimension d90: the smallest random subspace θ = θ₀ + P θ_d whose training "
+        "reaches 90% of normal training (Li et al. 2018; Aghajanyan et al. 2020).",
+        """
+        python -m rankkit intrinsic-dim --task toy                      # Li et al.'s toy: d90 = 10
+        python -m rankkit intrinsic-dim                                 # fine-tune digits' base
+        python -m rankkit intrinsic-dim --from-scratch --seeds 0 1 2    # same MLP from random init
+        python -m rankkit intrinsic-dim --task topics --mode said --dims 10 100 1000 --seeds 0
+        python -m rankkit intrinsic-dim --projection dense --baseline 0.97 --out runs/digits-sweep
+        """,
+    )
+    p.add_argument("--task", default="digits", help="a task name, or 'toy' (default digits)")
+    p.add_argument("--projection", default="fastfood", help="fastfood (default), sparse or dense")
+    p.add_argument("--mode", default="did", help="did (default) or said (+ a scale per tensor)")
+    p.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="θ₀ = random init, baseline = training from scratch (default: pretrained base, "
+        "baseline = full fine-tuning)",
+    )
+    p.add_argument("--dims", nargs="+", metavar="D", help="coarse grid of d (default 1,2,5,10,...)")
+    p.add_argument("--seeds", nargs="+", metavar="S", help="seeds per d (default 0 1 2)")
+    p.add_argument("--fraction", type=float, default=0.9, help="fraction of baseline (0.9)")
+    p.add_argument(
+        "--baseline", type=float, help="a fixed 'global' baseline instead of measuring one"
+    )
+    p.add_argument("--rtol", type=float, default=0.05, help="bisection tolerance (default 0.05)")
+    p.add_argument("--epochs", type=int, help="epochs (default: the task's)")
+    p.add_argument("--lr", type=float, help="learning rate of subspace training")
+    p.add_argument(
+        "--lr-ref-d",
+        type=int,
+        metavar="D0",
+        help="--lr is the rate at d = D0; other d use lr * sqrt(D0 / d)",
+    )
+    p.add_argument("--exclude-head", action="store_true", help="keep the head out of the subspace")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/<task>-intrinsic)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_intrinsic_dim)
+
+
+def _cmd_intrinsic_dim(args) -> int:
+    import json
+    from pathlib import Path
+
+    from rankkit.intrinsic import HyperplaneProblem, TaskProblem, estimate_intrinsic_dimension
+
+    if args.task.lower() in ("toy", "hyperplane"):
+        problem = HyperplaneProblem()
+    else:
+        problem = TaskProblem(
+            args.task,
+            from_scratch=args.from_scratch,
+            exclude_head=args.exclude_head,
+            epochs=args.epochs,
+            subspace_epochs=args.epochs,
+            subspace_lr=args.lr,
+            lr_ref_d=args.lr_ref_d,
+            device=args.device,
+        )
+    seeds = _int_list(args.seeds) or [0, 1, 2]
+    result = estimate_intrinsic_dimension(
+        problem,
+        projection=args.projection,
+        mode=args.mode,
+        fraction=args.fraction,
+        dims=_int_list(args.dims),
+        seeds=seeds,
+        baseline=args.baseline,
+        rtol=args.rtol,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    print(result.by_d().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    out = Path(args.out or f"runs/{args.task}-intrinsic")
+    paths = result.save(out)
+    from rankkit.plots import plot_intrinsic_dimension
+
+    fig = plot_intrinsic_dimension(result)
+    paths["png"] = out / "intrinsic_dimension.png"
+    fig.savefig(paths["png"], dpi=150, bbox_inches="tight")
+    for path in paths.values():
+        print(f"wrote {path}")
+    if (out / "results.csv").exists():  # a sweep directory: redraw its figures with d90
+        from rankkit.sweep import write_sweep_figures
+
+        config = out / "config.json"
+        sweep_task = json.loads(config.read_text()).get("task") if config.exists() else None
+        if sweep_task not in (None, args.task):
+            print(f"note: the sweep in {out} is on task {sweep_task!r}, d90 on {args.task!r}")
+        for path in write_sweep_figures(out):
+            print(f"redrew {path}")
+        print("the sweep's params_vs_quality figure now marks d90")
+    return 0
+
+
+# --------------------------------------------------------------------------- tasks / pretrain / finetune
+
+
+def _register_tasks(subparsers) -> None:
+    p = _add_command(
+        subparsers,
+        "tasks",
+        "List the built-in tasks: parameters, metric, base-weight status, what they measure.",
+        """
+        python -m rankkit tasks
+        """,
+    )
+    p.set_defaults(func=_cmd_tasks)
+
+
+def _cmd_tasks(args) -> int:
+    from rankkit.tasks import DEFAULT_TASK, task_table
+
+    for row in task_table():
+        params = f"{row['params']:,}" if row["params"] is not None else "?"
+        default = " (default)" if row["task"] == DEFAULT_TASK else ""
+        print(f"{row['task']}{default}: {params} parameters, metric {row['metric']}")
+        print(f"    {row['description']}")
+        print(f"    base weights: {row['base']}")
+    return 0
+
+
+def _add_threads(p) -> None:
+    p.add_argument(
+        "--threads", type=int, metavar="N",
+        help="torch CPU threads (on a shared machine, 1 is often fastest)",
+    )  # fmt: skip
+
+
+def _register_pretrain(subparsers) -> None:
+    p = _add_command(
+        subparsers,
+        "pretrain",
+        "Rebuild a task's pretrained base weights (data/TASK.safetensors + manifest entry) "
+        "from a seed.",
+        """
+        python -m rankkit pretrain digits                # seconds
+        python -m rankkit pretrain topics --threads 1    # ~10 minutes on a laptop CPU
+        python -m rankkit pretrain digits --out /tmp/bases --seed 1
+        """,
+    )
+    p.add_argument("task", help="task name (see python -m rankkit tasks)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole run (default 0)")
+    p.add_argument("--out", metavar="DIR", help="directory for weights + manifest (default data/)")
+    p.add_argument("--device", default="cpu", help="cpu (default; reproducible), auto, cuda, mps")
+    _add_threads(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args) -> int:
+    import json
+
+    from rankkit.tasks import data_dir, pretrain_base
+
+    try:
+        entry = pretrain_base(
+            args.task, seed=args.seed, directory=args.out, progress=not args.quiet,
+            device=args.device, threads=args.threads,
+        )  # fmt: skip
+    except ImportError as err:
+        raise SystemExit(f"error: {err}") from None
+    directory = args.out or data_dir()
+    print(f"wrote {directory}/{entry['file']} (sha256 {entry['sha256'][:16]}..., "
+          f"{entry['bytes'] / 2**20:.1f} MiB) in {entry['wall_time_s']}s")  # fmt: skip
+    print(f"pretraining metric: {json.dumps(entry['metric'])}")
+    return 0
+
+
+def _register_finetune(subparsers) -> None:
+    p = _add_command(
+        subparsers,
+        "finetune",
+        "Fine-tune a task's pretrained base (all weights, or only the head); write base and "
+        "fine-tuned weights (safetensors) and metrics.json.",
+        """
+        python -m rankkit finetune                                  # digits, full fine-tuning
+        python -m rankkit finetune --task digits --head-only        # the frozen-base baseline
+        python -m rankkit finetune --task topics --epochs 8 --lr 1e-3 --out runs/topics-full
+        python -m rankkit finetune --task minilm --model /path/to/hf/model --device auto
+        python -m rankkit spectrum runs/digits-full/base.safetensors runs/digits-full/finetuned.safetensors
+        """,
+    )
+    p.add_argument("--task", default="digits", help="task name (default digits)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/TASK-METHOD)")
+    p.add_argument("--head-only", action="store_true", help="train only the head (frozen base)")
+    p.add_argument("--from-scratch", action="store_true", help="random init instead of the base")
+    p.add_argument("--epochs", type=int, help="default: the task's")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the task's)")
+    p.add_argument("--batch-size", type=int, help="default: the task's")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: the task's)")
+    p.add_argument("--schedule", choices=["cosine", "constant"], help="default: the task's")
+    p.add_argument("--warmup", type=float, help="warm-up fraction of all steps")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--model", metavar="PATH", help="minilm: a local Hugging Face model directory")
+    _add_threads(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args) -> int:
+    import torch
+
+    from rankkit.train import finetune
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = {"model": args.model} if args.model else {}
+    method = "head" if args.head_only else "scratch" if args.from_scratch else "full"
+    out = args.out or f"runs/{args.task}-{method}"
+    try:
+        result, paths = finetune(
+            args.task, out, task_options=options, head_only=args.head_only,
+            pretrained=not args.from_scratch, epochs=args.epochs, lr=args.lr,
+            batch_size=args.batch_size, weight_decay=args.weight_decay,
+            schedule=args.schedule, warmup=args.warmup, device=args.device, seed=args.seed,
+            progress=not args.quiet,
+        )  # fmt: skip
+    except ImportError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(result)
+    for path in paths.values():
+        print(f"wrote {path}")
+    print(f"next: python -m rankkit spectrum {paths['base']} {paths['finetuned']}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 _REGISTRARS = [
     _register_spectrum,
+    _register_sweep,
+    _register_plot,
+    _register_intrinsic_dim,
+    _register_tasks,
+    _register_pretrain,
+    _register_finetune,
 ]
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _register_figures(subparsers) -> None:
+    p = _add_command(
+        subparsers,
+        "figures",
+        "Regenerate the README's figures (spectra, rank sweep, subspace similarity, intrinsic "
+        "dimension) by training everything they show on the digits task.",
+        """
+        python -m rankkit figures                         # published settings, into figures/
+        python -m rankkit figures --quick --out /tmp/fig  # smoke test: tiny runs, a minute or two
+        python -m rankkit figures --jobs 2 --threads 1 --keep-runs runs/figures
+        """,
+    )
+    p.add_argument("--out", default="figures", metavar="DIR", help="output directory (figures/)")
+    p.add_argument("--quick", action="store_true", help="tiny runs (not for publication)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes for the rank sweep")
+    p.add_argument("--keep-runs", metavar="DIR", help="keep the sweep's runs here (default: temp)")
+    _add_threads(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_figures)
+
+
+def _cmd_figures(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display needed
+    import torch
+
+    from rankkit.figures import FIGURES, make_figures
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = make_figures(
+        args.out, quick=args.quick, jobs=args.jobs, work_dir=args.keep_runs,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print()
+    for path in paths:
+        print(f"{path}: {FIGURES.get(path.name, '')}")
+    return 0
+
+
+_REGISTRARS.append(_register_figures)
 
 
 def build_parser() -> argparse.ArgumentParser:

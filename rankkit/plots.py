@@ -150,6 +150,165 @@ def plot_effective_rank(
     return fig
 
 
+def _human(n: float) -> str:
+    """12345 -> '12k'; readable parameter counts for annotations."""
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def _sweep_groups(results: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    ok = results[results["status"] == "ok"]
+    if ok.empty:
+        raise ValueError("the sweep has no finished runs to plot.")
+    metric = (
+        str(ok["metric"].dropna().iloc[0])
+        if "metric" in ok and ok["metric"].notna().any()
+        else "metric"
+    )
+    return ok, metric
+
+
+def _reference_lines(ax, ok: pd.DataFrame) -> None:
+    styles = {
+        "full": ("full fine-tuning", "black", "--"),
+        "frozen": ("frozen base (head only)", "tab:gray", ":"),
+    }
+    for method, (label, color, ls) in styles.items():
+        values = ok.loc[ok["method"] == method, "test_metric"]
+        if len(values):
+            ax.axhline(
+                values.mean(), color=color, ls=ls, lw=1.2, label=f"{label}: {values.mean():.3f}"
+            )
+            if len(values) > 1:
+                ax.axhspan(values.min(), values.max(), color=color, alpha=0.08, lw=0)
+
+
+def plot_rank_tradeoff(results: pd.DataFrame) -> Figure:
+    """Test metric against LoRA rank (log2 axis), mean and min–max over seeds.
+
+    One line per target set; horizontal references for full fine-tuning and the frozen
+    base; each point is labelled with its number of trainable parameters.
+
+    Parameters
+    ----------
+    results : DataFrame
+        ``results.csv`` of a sweep (:func:`rankkit.sweep.load_results`).
+    """
+    ok, metric = _sweep_groups(results)
+    lora = ok[ok["method"] == "lora"]
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for i, (targets, group) in enumerate(lora.groupby("targets", sort=False)):
+        stats = group.groupby("rank").agg(
+            mean=("test_metric", "mean"), lo=("test_metric", "min"), hi=("test_metric", "max"),
+            params=("trainable_params", "mean"), n=("test_metric", "size"),
+        )  # fmt: skip
+        color = plt.cm.tab10(i % 10)
+        ax.plot(stats.index, stats["mean"], "o-", color=color, label=f"LoRA on {targets}")
+        ax.fill_between(stats.index, stats["lo"], stats["hi"], color=color, alpha=0.15, lw=0)
+        for rank, row in stats.iterrows():
+            ax.annotate(
+                _human(row["params"]), (rank, row["mean"]), textcoords="offset points",
+                xytext=(0, 7 + 9 * i), ha="center", fontsize=7, color=color,
+            )  # fmt: skip
+    _reference_lines(ax, ok)
+    ax.set_xscale("log", base=2)
+    ranks = sorted(lora["rank"].dropna().unique())
+    if ranks:
+        ax.set_xticks(ranks, [str(int(r)) for r in ranks])
+    ax.set_xlabel("LoRA rank r (log₂ scale; labels: trainable parameters)")
+    ax.set_ylabel(f"test {metric}")
+    seeds = ok["seed"].nunique()
+    ax.set_title(
+        f"{ok['task'].iloc[0]}: quality vs LoRA rank (mean, min–max over {seeds} seeds)",
+        fontsize=10,
+    )
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    ax.grid(True, alpha=0.2)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_front(params: np.ndarray, quality: np.ndarray) -> np.ndarray:
+    """Indices of points no other point beats (fewer or equal params and higher quality)."""
+    order = np.lexsort((-quality, params))
+    front, best = [], -np.inf
+    for i in order:
+        if quality[i] > best:
+            front.append(i)
+            best = quality[i]
+    return np.array(front, dtype=int)
+
+
+def plot_params_tradeoff(results: pd.DataFrame, d90: Mapping[str, Any] | None = None) -> Figure:
+    """Test metric against trainable parameters (log axis), with the Pareto front marked.
+
+    Each configuration (method, target set, rank) is one point at its mean over seeds,
+    with a bar for the min–max. ``d90`` (from ``intrinsic_dimension.json``, written by
+    ``python -m rankkit intrinsic-dim --out RUN_DIR``) adds a vertical line at the
+    intrinsic dimension: the number of trainable *directions* random-subspace training needed.
+    """
+    ok, metric = _sweep_groups(results)
+    ok = ok.assign(targets=ok["targets"].fillna("-"), rank=ok["rank"].fillna(-1))
+    stats = (
+        ok.groupby(["method", "targets", "rank"], sort=False)
+        .agg(mean=("test_metric", "mean"), lo=("test_metric", "min"), hi=("test_metric", "max"),
+             params=("trainable_params", "mean"))
+        .reset_index()
+    )  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    markers = {
+        "full": ("*", "black", "full fine-tuning"),
+        "frozen": ("s", "tab:gray", "frozen base (head only)"),
+    }
+    target_sets = [t for t in stats.loc[stats["method"] == "lora", "targets"].unique()]
+    for _, row in stats.iterrows():
+        if row["method"] == "lora":
+            i = target_sets.index(row["targets"])
+            marker, color, label = "o", plt.cm.tab10(i % 10), f"LoRA on {row['targets']}"
+        else:
+            marker, color, label = markers[row["method"]]
+        ax.errorbar(
+            row["params"], row["mean"], yerr=[[row["mean"] - row["lo"]], [row["hi"] - row["mean"]]],
+            fmt=marker, color=color, ms=9 if marker == "*" else 6, capsize=2, label=label,
+        )  # fmt: skip
+        if row["method"] == "lora":
+            ax.annotate(f"r={int(row['rank'])}", (row["params"], row["mean"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7, color=color)  # fmt: skip
+    front = pareto_front(stats["params"].to_numpy(float), stats["mean"].to_numpy(float))
+    fp = stats.iloc[front]
+    ax.step(
+        fp["params"],
+        fp["mean"],
+        where="post",
+        color="tab:red",
+        lw=1,
+        alpha=0.7,
+        label="Pareto front",
+    )
+    if d90 and d90.get("d90"):
+        ax.axvline(d90["d90"], color="tab:purple", ls="-.", lw=1.2,
+                   label=f"intrinsic dimension d90 = {_human(d90['d90'])}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(f"{ok['task'].iloc[0]}: quality vs trainable parameters", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(
+        unique.values(),
+        unique.keys(),
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1),
+        fontsize=8,
+        frameon=False,
+    )
+    ax.grid(True, which="both", alpha=0.2)
+    fig.tight_layout()
+    return fig
+
+
 def plot_subspace_similarity(
     grid: np.ndarray, *, xlabel: str = "j", ylabel: str = "i", title: str | None = None
 ) -> Figure:
@@ -168,5 +327,66 @@ def plot_subspace_similarity(
     ax.set_ylabel(ylabel)
     ax.set_title(title or "subspace similarity φ(i, j)", fontsize=10)
     fig.colorbar(im, ax=ax, label="φ")
+    fig.tight_layout()
+    return fig
+
+
+def plot_intrinsic_dimension(
+    results: Any,
+    *,
+    labels: list[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Metric of random-subspace training against ``d`` (log axis), with d90 marked.
+
+    Each run is a faint dot; the line joins the mean over seeds at each ``d``. The
+    dashed horizontal line is ``fraction x baseline`` (the 90% line), the dotted one
+    the baseline itself, and the dash-dotted vertical line d90, with its bracket
+    (largest failing ``d``, d90] shaded.
+
+    Parameters
+    ----------
+    results : IntrinsicDimensionResult, sequence of them, or mapping label -> result
+        From :func:`rankkit.estimate_intrinsic_dimension`. Several results share
+        the axes, e.g. fine-tuning against training from scratch.
+    labels : list of str, optional
+        Legend labels (default: the problem, projection and mode of each result).
+    title : str, optional
+    """
+    from matplotlib.ticker import FuncFormatter
+
+    if isinstance(results, Mapping):
+        labels = labels or [str(k) for k in results]
+        results = list(results.values())
+    elif not isinstance(results, (list, tuple)):
+        results = [results]
+    labels = labels or [f"{r.problem} [{r.projection}/{r.mode}]" for r in results]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colors = plt.cm.tab10(np.arange(len(results)) % 10)
+    for color, label, r in zip(colors, labels, results):
+        curve = r.curve
+        ax.scatter(curve["d"], curve["metric"], color=color, s=12, alpha=0.35, lw=0)
+        mean = curve.groupby("d")["metric"].mean()
+        ax.plot(mean.index, mean.to_numpy(), color=color, marker="o", ms=4, lw=1.6, label=label)
+        pct = f"{r.fraction:.0%}"
+        ax.axhline(r.threshold, color=color, ls="--", lw=1, alpha=0.8)
+        ax.axhline(r.baseline, color=color, ls=":", lw=1, alpha=0.8)
+        ax.plot(
+            [], [], color=color, ls="--", lw=1, label=f"  {pct} of baseline ({r.baseline_source})"
+        )
+        if r.d90 is not None:
+            lo, hi = r.d90_bracket
+            ax.axvspan(max(lo, 0.9), hi, color=color, alpha=0.08, lw=0)
+            ax.axvline(
+                r.d90, color=color, ls="-.", lw=1.2, label=f"  d{pct[:-1]} = {_human(r.d90)}"
+            )
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
+    ax.set_xlabel("subspace dimension d (trained parameters)")
+    ax.set_ylabel(results[0].metric_name if results else "metric")
+    ax.set_title(title or "Training in a random subspace θ = θ₀ + P θ_d", fontsize=10)
+    ax.plot([], [], color="gray", ls=":", lw=1, label="baseline (normal training)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    ax.grid(True, which="both", alpha=0.2)
     fig.tight_layout()
     return fig

@@ -1,0 +1,830 @@
+"""Rank sweeps: LoRA at many ranks, seeds and target sets, next to full fine-tuning.
+
+A sweep answers "what rank should I pick?" the way the LoRA paper does (its Tables 5
+and 6): train LoRA at ranks r = 1, 2, 4, ... on the same pretrained base, a few seeds
+each, and compare the test metric with two references on the same task:
+
+* **full fine-tuning** (every weight trainable) -- the quality LoRA tries to match;
+* the **frozen base** (only the task head trained) -- what you get for free.
+
+The *gain* of a run is ``(metric - frozen) / (full - frozen)``: 0 means no better than
+the frozen base, 1 means as good as full fine-tuning. :func:`rank_for_gain` reads off
+the smallest rank reaching 90% or 95% of the gain.
+
+Results are crash-safe. Each finished run is appended to ``results.csv`` by rewriting
+the file to a temporary name and renaming it over the old one (an atomic operation),
+so killing the process at any moment loses at most the runs in flight and never
+leaves a half-written file. Running the same sweep into the same directory skips the
+runs already recorded as ``ok`` and retries those recorded as ``error``.
+
+Executors: ``local`` runs in this process (``jobs=1``) or in ``jobs`` worker processes;
+``ray`` submits one task per run to a Ray cluster (``ray_address``) or a local Ray
+instance, with per-run CPU and (fractional) GPU requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+DEFAULT_RANKS = (1, 2, 4, 8, 16, 32)
+DEFAULT_SEEDS = (0, 1, 2)
+EXECUTORS = ("local", "ray")
+METHODS = ("frozen", "full", "lora")
+
+RESULT_COLUMNS = [
+    "run_id", "task", "method", "rank", "alpha", "targets", "seed",
+    "trainable_params", "total_params", "trainable_fraction",
+    "val_metric", "test_metric", "metric", "train_time_s", "peak_memory_mb", "device",
+    "status", "error", "adapter",
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """Everything that defines a sweep. Same keys in a TOML file and on the command line.
+
+    Parameters
+    ----------
+    task : str
+        A task from :func:`rankkit.tasks.list_tasks`.
+    ranks : list of int
+        LoRA ranks. Ranks above the narrowest targeted layer are an error.
+    seeds : list of int
+        One run per seed for every configuration (baselines included).
+    targets : list of str
+        Target sets to compare, each a comma-separated list of roles or module-name
+        suffixes (``"q,v"``) or ``"all-linear"``.
+    alpha : float or str
+        ``lora_alpha``: a number, ``"r"`` (alpha = r, scaling 1) or ``"2r"``-style multiples.
+    rslora : bool
+        Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023).
+    epochs, lr, full_lr : optional
+        Training length and learning rates for LoRA and for the full-fine-tuning /
+        frozen-base baselines; ``None`` takes the task's defaults.
+    baselines : bool
+        Also run full fine-tuning and the frozen base (head only), once per seed.
+    device : str
+        ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``...
+    out : str, optional
+        Output directory; default ``runs/<task>-sweep``.
+    jobs : int
+        Local worker processes (``executor="local"``).
+    executor : {"local", "ray"}
+    ray_address : str, optional
+        Address of an existing Ray cluster; default starts a local instance.
+    cpus_per_run, gpus_per_run : float
+        Ray resource requests per run; fractional GPUs let small runs share one GPU.
+    batch : bool
+        Train compatible LoRA runs together (batched multi-adapter training) when available.
+    """
+
+    task: str = "digits"
+    ranks: list[int] = dataclasses.field(default_factory=lambda: list(DEFAULT_RANKS))
+    seeds: list[int] = dataclasses.field(default_factory=lambda: list(DEFAULT_SEEDS))
+    targets: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
+    alpha: float | str = "r"
+    rslora: bool = False
+    epochs: int | None = None
+    lr: float | None = None
+    full_lr: float | None = None
+    baselines: bool = True
+    device: str = "auto"
+    out: str | None = None
+    jobs: int = 1
+    executor: str = "local"
+    ray_address: str | None = None
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 0.0
+    batch: bool = True
+
+    # Keys that change how runs are executed, not what they compute: a directory may be
+    # resumed with different values of these.
+    EXECUTION_KEYS = (
+        "out",
+        "jobs",
+        "executor",
+        "ray_address",
+        "cpus_per_run",
+        "gpus_per_run",
+        "batch",
+    )
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> SweepConfig:
+        unknown = [k for k in data if k not in cls.keys()]
+        if unknown:
+            hints = []
+            for k in unknown:
+                close = difflib.get_close_matches(k.replace("-", "_"), cls.keys(), n=1)
+                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise ValueError(
+                f"{source}: unknown key(s) {', '.join(hints)}. Valid keys: {', '.join(cls.keys())}."
+            )
+        return cls(**dict(data)).validated()
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> SweepConfig:
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            import tomli as tomllib
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"sweep config {str(path)!r} does not exist.") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML ({err}).") from err
+        data = data.get("sweep", data)  # allow an optional [sweep] table
+        return cls.from_dict(data, source=str(path))
+
+    def validated(self) -> SweepConfig:
+        """Check every field early; return self. Messages say what was expected."""
+        from rankkit.tasks import get_task  # raises with the known task names
+
+        get_task(self.task)
+        self.ranks = _int_list(self.ranks, "ranks")
+        self.seeds = _int_list(self.seeds, "seeds", allow_zero=True)
+        if not self.ranks:
+            raise ValueError("ranks is empty: give at least one LoRA rank, e.g. --ranks 1,2,4,8.")
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one seed, e.g. --seeds 0,1,2.")
+        if isinstance(self.targets, str):
+            self.targets = [self.targets]
+        self.targets = [_normalise_targets(t) for t in self.targets]
+        if not self.targets:
+            raise ValueError("targets is empty: give a target set such as 'q,v' or 'all-linear'.")
+        alpha_for_rank(self.alpha, 1)  # validates the spelling
+        if self.executor not in EXECUTORS:
+            raise ValueError(
+                f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}."
+            )
+        if int(self.jobs) < 1:
+            raise ValueError(f"jobs must be at least 1, got {self.jobs}.")
+        self.jobs = int(self.jobs)
+        for name in ("epochs",):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}.")
+        for name in ("lr", "full_lr"):
+            value = getattr(self, name)
+            if value is not None and not float(value) > 0:
+                raise ValueError(f"{name} must be positive, got {value}.")
+        if self.cpus_per_run <= 0 or self.gpus_per_run < 0:
+            raise ValueError("cpus_per_run must be > 0 and gpus_per_run >= 0.")
+        return self
+
+    def result_affecting(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.EXECUTION_KEYS}
+
+    def output_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / f"{self.task}-sweep"
+
+
+def _int_list(values: Any, name: str, allow_zero: bool = False) -> list[int]:
+    if isinstance(values, str):
+        values = [v for v in re.split(r"[,\s]+", values.strip()) if v]
+    if isinstance(values, int):
+        values = [values]
+    out = []
+    for v in values:
+        try:
+            iv = int(v)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}: {v!r} is not an integer.") from err
+        if iv != float(v) or iv < (0 if allow_zero else 1):
+            kind = "non-negative" if allow_zero else "positive"
+            raise ValueError(f"{name}: {v!r} is not a {kind} integer.")
+        out.append(iv)
+    return sorted(dict.fromkeys(out))
+
+
+def _normalise_targets(spec: Any) -> str:
+    if isinstance(spec, (list, tuple)):
+        spec = ",".join(str(s) for s in spec)
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"empty target set {spec!r}; use names such as 'q,v' or 'all-linear'.")
+    return ",".join(parts)
+
+
+def alpha_for_rank(alpha: float | str, rank: int) -> float:
+    """``lora_alpha`` for a rank: a fixed number, ``"r"`` (= rank) or ``"<k>r"`` (= k * rank)."""
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        if alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {alpha}.")
+        return float(alpha)
+    text = str(alpha).strip().replace(" ", "")
+    match = re.fullmatch(r"(\d*\.?\d*)\*?r", text)
+    if match:
+        factor = float(match.group(1)) if match.group(1) else 1.0
+        if factor <= 0:
+            raise ValueError(f"alpha {alpha!r}: the multiple of r must be positive.")
+        return factor * rank
+    try:
+        return alpha_for_rank(float(text), rank)
+    except ValueError as err:
+        raise ValueError(
+            f"alpha must be a positive number, 'r' (alpha = rank) or a multiple such as '2r'; "
+            f"got {alpha!r}."
+        ) from err
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run of a sweep."""
+
+    method: str  # "frozen", "full" or "lora"
+    seed: int
+    rank: int | None = None
+    alpha: float | None = None
+    targets: str | None = None
+
+    @property
+    def run_id(self) -> str:
+        if self.method != "lora":
+            return f"{self.method}-s{self.seed}"
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", self.targets or "").strip("_")
+        return f"lora-r{self.rank}-a{self.alpha:g}-{slug}-s{self.seed}"
+
+
+def plan_runs(config: SweepConfig) -> list[RunSpec]:
+    """Every run of the sweep, baselines first, in a deterministic order."""
+    runs = []
+    if config.baselines:
+        for seed in config.seeds:
+            runs.append(RunSpec("frozen", seed))
+            runs.append(RunSpec("full", seed))
+    for targets in config.targets:
+        for rank in config.ranks:
+            for seed in config.seeds:
+                runs.append(
+                    RunSpec("lora", seed, rank, alpha_for_rank(config.alpha, rank), targets)
+                )
+    return runs
+
+
+def check_ranks_fit(config: SweepConfig) -> None:
+    """Refuse ranks larger than the narrowest layer each target set adapts."""
+    from rankkit.lora import LoraConfig, apply_lora
+    from rankkit.tasks import get_task
+
+    task = get_task(config.task)
+    for targets in config.targets:
+        model = task.build_model(pretrained=False)
+        target_modules = "all-linear" if targets == "all-linear" else targets.split(",")
+        apply_lora(
+            model,
+            LoraConfig(r=1, target_modules=target_modules, modules_to_save=task.head_modules),
+            roles=task.roles,
+        )
+        widths = {
+            name: min(m.in_features, m.out_features)
+            for name, m in model.named_modules()
+            if hasattr(m, "lora_A")
+        }
+        narrowest = min(widths, key=widths.get)
+        too_big = [r for r in config.ranks if r > widths[narrowest]]
+        if too_big:
+            raise ValueError(
+                f"rank(s) {too_big} exceed the width of {narrowest!r} "
+                f"(min(in, out) = {widths[narrowest]}) for targets {targets!r}; the largest "
+                f"useful rank there is {widths[narrowest]}."
+            )
+
+
+def run_one(spec: RunSpec, config: SweepConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Train one run and return its results row. Exceptions propagate to the caller."""
+    from rankkit.lora import apply_lora
+    from rankkit.tasks import get_task
+    from rankkit.train import fit, set_seed
+
+    task = get_task(config.task)
+    hp = dict(task.default_hparams)
+    # The reference recipe of a run; batched training reproduces exactly this.
+    set_seed(spec.seed)
+    model = task.build_model(pretrained=True, seed=spec.seed)
+    if spec.method == "lora":
+        apply_lora(model, _lora_config(spec, config, task), roles=task.roles)
+        lr = _lora_lr(config, task)
+    elif spec.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        lr = config.full_lr or hp.get("lr")
+    else:  # frozen base: only the head learns
+        heads = tuple(task.head_modules)
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name == h or name.startswith(h + ".") for h in heads))
+        lr = config.full_lr or hp.get("head_lr", hp.get("lr"))
+    result = fit(
+        model, task, epochs=config.epochs, lr=lr, device=config.device, seed=spec.seed,
+        progress=False,
+    )  # fmt: skip
+    return _result_row(spec, config, task, model, result, out_dir)
+
+
+def _lora_config(spec: RunSpec, config: SweepConfig, task) -> Any:
+    """The LoraConfig of a LoRA run (the same for single and batched training)."""
+    from rankkit.lora import LoraConfig
+
+    target_modules = "all-linear" if spec.targets == "all-linear" else spec.targets.split(",")
+    return LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        target_modules=target_modules,
+        use_rslora=config.rslora,
+        modules_to_save=task.head_modules,
+    )
+
+
+def _lora_lr(config: SweepConfig, task) -> float:
+    hp = dict(task.default_hparams)
+    return config.lr or hp.get("lora_lr", hp.get("lr"))
+
+
+def _result_row(spec: RunSpec, config: SweepConfig, task, model, result, out_dir) -> dict[str, Any]:
+    """Save a trained run's adapter (LoRA) and return its results row."""
+    from rankkit.lora import count_parameters, save_adapter
+
+    adapter_path = ""
+    counts = count_parameters(model)
+    if spec.method == "lora":
+        directory = Path(out_dir) / "adapters" / spec.run_id
+        save_adapter(model, directory)
+        adapter_path = str(directory.relative_to(out_dir) / "adapter_model.safetensors")
+    metric = task.metric_name
+    return {
+        "run_id": spec.run_id,
+        "task": config.task,
+        "method": spec.method,
+        "rank": spec.rank,
+        "alpha": spec.alpha,
+        "targets": spec.targets,
+        "seed": spec.seed,
+        "trainable_params": counts.trainable,
+        "total_params": counts.total,
+        "trainable_fraction": counts.fraction,
+        "val_metric": result.metrics[f"val_{metric}"],
+        "test_metric": result.metrics[f"test_{metric}"],
+        "metric": metric,
+        "train_time_s": result.wall_time_s,
+        "peak_memory_mb": result.peak_memory_mb,
+        "device": str(result.device),
+        "status": "ok",
+        "error": "",
+        "adapter": adapter_path,
+    }
+
+
+def _safe_run(
+    runner: Callable[..., dict[str, Any]], spec: RunSpec, config: SweepConfig, out_dir: str
+) -> dict[str, Any]:
+    """Run, and turn any exception into an ``error`` row so the sweep carries on."""
+    try:
+        return runner(spec, config, out_dir)
+    except Exception as err:  # a failing run must never stop the sweep
+        return {
+            **_spec_row(spec, config),
+            "status": "error",
+            "error": f"{type(err).__name__}: {err}".replace("\n", " ")[:500],
+            "traceback": traceback.format_exc(),
+        }
+
+
+def _spec_row(spec: RunSpec, config: SweepConfig) -> dict[str, Any]:
+    return {
+        "run_id": spec.run_id, "task": config.task, "method": spec.method, "rank": spec.rank,
+        "alpha": spec.alpha, "targets": spec.targets, "seed": spec.seed,
+    }  # fmt: skip
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- results store
+
+
+class ResultsStore:
+    """``results.csv`` in a run directory, written atomically after every run."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.path = self.directory / "results.csv"
+        self.rows: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            try:
+                frame = pd.read_csv(self.path, dtype={"targets": str, "error": str, "adapter": str})
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+                raise ValueError(
+                    f"{self.path} is not a readable results table ({err}). Move it away "
+                    "or choose another --out directory."
+                ) from err
+            if "run_id" not in frame:
+                raise ValueError(
+                    f"{self.path} has no run_id column; it was not written by rankkit."
+                )
+            for row in frame.to_dict("records"):
+                self.rows[row["run_id"]] = {k: _clean(v) for k, v in row.items()}
+
+    def finished(self) -> set[str]:
+        return {k for k, row in self.rows.items() if row.get("status") == "ok"}
+
+    def record(self, row: Mapping[str, Any]) -> None:
+        self.rows[row["run_id"]] = {k: v for k, v in row.items() if k != "traceback"}
+        self._write()
+
+    def frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(list(self.rows.values()))
+        columns = [c for c in RESULT_COLUMNS if c in frame] + [
+            c for c in frame if c not in RESULT_COLUMNS
+        ]
+        return frame[columns] if len(frame) else pd.DataFrame(columns=RESULT_COLUMNS)
+
+    def _write(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".results.", suffix=".csv")
+        try:
+            with os.fdopen(fd, "w", newline="") as fh:
+                self.frame().to_csv(fh, index=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)  # atomic: readers see the old or the new file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+@dataclasses.dataclass
+class SweepResult:
+    directory: Path
+    results: pd.DataFrame
+    ran: list[str]
+    skipped: list[str]
+    figures: list[Path]
+
+
+def run_sweep(
+    config: SweepConfig,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    runner: Callable[..., dict[str, Any]] | None = None,
+    plot: bool = True,
+    log: Callable[[str], None] = print,
+) -> SweepResult:
+    """Run (or resume) a sweep and return its results.
+
+    Parameters
+    ----------
+    config : SweepConfig
+    force : bool
+        Accept a directory whose saved config differs from ``config`` (the saved one is
+        replaced; finished runs with the same run id are kept).
+    progress : bool
+        Show a progress bar over runs.
+    runner : callable, optional
+        ``runner(spec, config, out_dir) -> row``; defaults to :func:`run_one`. Tests use
+        it to inject failures.
+    plot : bool
+        Write the trade-off figures at the end.
+    log : callable
+        Where status lines go (``print`` by default).
+    """
+    from tqdm.auto import tqdm
+
+    config = config.validated()
+    check_ranks_fit(config)
+    out_dir = config.output_dir()
+    _claim_directory(out_dir, config, force)
+    store = ResultsStore(out_dir)
+    runs = plan_runs(config)
+    finished = store.finished()
+    todo = [r for r in runs if r.run_id not in finished]
+    skipped = [r.run_id for r in runs if r.run_id in finished]
+    if skipped:
+        log(f"resuming {out_dir}: {len(skipped)} finished run(s) skipped, {len(todo)} to run")
+    runner = runner or run_one
+    bar = tqdm(total=len(todo), desc=f"sweep {config.task}", unit="run", disable=not progress)
+    ran = []
+
+    def done(row: dict[str, Any]) -> None:
+        store.record(row)
+        ran.append(row["run_id"])
+        bar.update(1)
+        if row["status"] != "ok":
+            log(f"run {row['run_id']} failed: {row['error']}")
+
+    if config.executor == "ray":
+        _run_ray(todo, config, out_dir, runner, done)
+    elif config.jobs > 1 and len(todo) > 1:
+        _run_processes(todo, config, out_dir, runner, done)
+    else:
+        for group in _batch_groups(todo, config, runner, log):
+            if len(group) == 1:
+                done(_safe_run(runner, group[0], config, str(out_dir)))
+            else:
+                for row in _run_batched(group, config, str(out_dir), log):
+                    done(row)
+    bar.close()
+
+    results = store.frame()
+    figures = []
+    if plot and len(results):
+        figures = write_sweep_figures(out_dir)
+    return SweepResult(out_dir, results, ran, skipped, figures)
+
+
+def _batch_groups(
+    todo: list[RunSpec], config: SweepConfig, runner: Callable, log: Callable[[str], None]
+) -> list[list[RunSpec]]:
+    """Runs to train together: LoRA runs of a target set in groups sized by memory.
+
+    Batching applies to the built-in runner (batched training reproduces
+    :func:`run_one`) with ``config.batch``; other runs go one by one. A target set's
+    runs are split evenly into consecutive groups of at most
+    :func:`rankkit.batched.max_batch_runs` (the plan orders them by rank, so a group
+    pads little), and a kill loses at most the group in flight.
+    """
+    single = [[s] for s in todo]
+    if not config.batch or runner is not run_one:
+        return single
+    from rankkit.batched import max_batch_runs
+    from rankkit.tasks import get_task
+
+    task = get_task(config.task)
+    groups = [[s] for s in todo if s.method != "lora"]
+    for targets in dict.fromkeys(s.targets for s in todo if s.method == "lora"):
+        runs = [s for s in todo if s.method == "lora" and s.targets == targets]
+        try:
+            largest = _lora_config(max(runs, key=lambda s: s.rank), config, task)
+            size = max_batch_runs(task, largest, device=config.device)
+        except Exception as err:  # sizing is an optimisation: never let it stop a sweep
+            log(f"batched training off for targets {targets!r} ({type(err).__name__}: {err})")
+            size = 1
+        n = math.ceil(len(runs) / size)
+        bounds = [round(i * len(runs) / n) for i in range(n + 1)]
+        groups += [runs[a:b] for a, b in itertools.pairwise(bounds)]
+    if any(len(g) > 1 for g in groups):
+        sizes = sorted({len(g) for g in groups if len(g) > 1})
+        log(
+            f"batched training: {sum(len(g) for g in groups if len(g) > 1)} LoRA runs in "
+            f"groups of {'/'.join(map(str, sizes))} (--no-batch trains them one at a time)"
+        )
+    return groups
+
+
+def _run_batched(
+    specs: list[RunSpec], config: SweepConfig, out_dir: str, log: Callable[[str], None]
+):
+    """Train LoRA runs together with :func:`rankkit.batched.fit_batched`; yield their rows.
+
+    Each row is what :func:`run_one` returns for that run. If the batch fails as a
+    whole, its runs are trained one by one instead, so a bad run is recorded as an
+    ``error`` row and the others still finish.
+    """
+    from rankkit.batched import fit_batched
+    from rankkit.tasks import get_task
+
+    task = get_task(config.task)
+    try:
+        trained = fit_batched(
+            task, [_lora_config(s, config, task) for s in specs], [s.seed for s in specs],
+            epochs=config.epochs, lr=_lora_lr(config, task), device=config.device,
+        )  # fmt: skip
+    except Exception as err:  # fall back to single runs; their errors become rows
+        log(
+            f"batched training of {len(specs)} runs failed ({type(err).__name__}: {err}); "
+            "training them one by one"
+        )
+        for spec in specs:
+            yield _safe_run(run_one, spec, config, out_dir)
+        return
+    for spec, run in zip(specs, trained):
+
+        def finish(spec, config, out_dir, run=run):
+            return _result_row(spec, config, task, run.model, run.result, out_dir)
+
+        yield _safe_run(finish, spec, config, out_dir)
+
+
+def _claim_directory(out_dir: Path, config: SweepConfig, force: bool) -> None:
+    path = out_dir / "config.json"
+    wanted = config.result_affecting()
+    if path.exists():
+        saved = json.loads(path.read_text())
+        saved_affecting = {k: v for k, v in saved.items() if k not in SweepConfig.EXECUTION_KEYS}
+        diff = {
+            k: (saved_affecting.get(k), wanted.get(k))
+            for k in sorted(set(saved_affecting) | set(wanted))
+            if saved_affecting.get(k) != wanted.get(k)
+        }
+        if diff and not force:
+            lines = "; ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{out_dir} holds a sweep with a different config ({lines}). Use another "
+                "--out directory, or --force to continue it with the new config."
+            )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".config.", suffix=".json")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(dataclasses.asdict(config), fh, indent=2)
+    os.replace(tmp, path)
+
+
+def _run_processes(todo, config, out_dir, runner, done) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // config.jobs)
+    with ProcessPoolExecutor(
+        max_workers=config.jobs,
+        mp_context=mp.get_context("spawn"),
+        initializer=_worker_init,
+        initargs=(threads,),
+    ) as pool:
+        futures = [pool.submit(_safe_run, runner, s, config, str(out_dir)) for s in todo]
+        for future in as_completed(futures):
+            done(future.result())
+
+
+def _run_ray(todo, config, out_dir, runner, done) -> None:
+    try:
+        import ray
+    except ImportError as err:
+        raise ImportError(
+            "executor='ray' needs Ray: pip install 'rankkit[ray]' (or pip install 'ray[default]')."
+        ) from err
+    started_here = False
+    if not ray.is_initialized():
+        if config.ray_address:
+            ray.init(address=config.ray_address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        started_here = True
+    try:
+        remote = ray.remote(_safe_run).options(
+            num_cpus=config.cpus_per_run, num_gpus=config.gpus_per_run
+        )
+        pending = [remote.remote(runner, s, config, str(Path(out_dir).resolve())) for s in todo]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done(ray.get(ready[0]))
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _references(results: pd.DataFrame) -> tuple[float | None, float | None]:
+    ok = results[results["status"] == "ok"]
+    full = ok[ok["method"] == "full"]["test_metric"]
+    frozen = ok[ok["method"] == "frozen"]["test_metric"]
+    return (
+        float(full.mean()) if len(full) else None,
+        float(frozen.mean()) if len(frozen) else None,
+    )
+
+
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean and spread of the test metric per configuration, with the gain over the frozen base."""
+    ok = results[results["status"] == "ok"].copy()
+    if ok.empty:
+        return pd.DataFrame()
+    ok["targets"] = ok["targets"].fillna("-")
+    ok["rank"] = ok["rank"].fillna(-1)
+    table = (
+        ok.groupby(["method", "targets", "rank"], sort=False)
+        .agg(
+            runs=("test_metric", "size"),
+            test_mean=("test_metric", "mean"),
+            test_std=("test_metric", "std"),
+            trainable_params=("trainable_params", "mean"),
+            trainable_fraction=("trainable_fraction", "mean"),
+        )
+        .reset_index()
+    )
+    table["rank"] = table["rank"].map(lambda r: "-" if r == -1 else int(r))
+    full, frozen = _references(results)
+    if full is not None and frozen is not None and full != frozen:
+        table["gain"] = (table["test_mean"] - frozen) / (full - frozen)
+    return table
+
+
+def rank_for_gain(results: pd.DataFrame, fraction: float, targets: str | None = None) -> int | None:
+    """Smallest LoRA rank whose mean test metric reaches ``fraction`` of the full-FT gain.
+
+    gain(r) = (mean metric at r - frozen base) / (full fine-tuning - frozen base).
+    Returns ``None`` if no rank reaches it (or the baselines are missing).
+    """
+    full, frozen = _references(results)
+    if full is None or frozen is None or full <= frozen:
+        return None
+    ok = results[(results["status"] == "ok") & (results["method"] == "lora")]
+    if targets is not None:
+        ok = ok[ok["targets"] == targets]
+    means = ok.groupby("rank")["test_metric"].mean().sort_index()
+    for rank, mean in means.items():
+        if (mean - frozen) / (full - frozen) >= fraction:
+            return int(rank)
+    return None
+
+
+def format_summary(results: pd.DataFrame) -> str:
+    table = summarize(results)
+    if table.empty:
+        return "(no finished runs)"
+    metric = results["metric"].dropna().iloc[0] if results["metric"].notna().any() else "metric"
+    shown = table.rename(columns={"test_mean": f"test {metric}", "test_std": "± std"})
+    text = shown.to_string(index=False, float_format=lambda x: f"{x:.4g}")
+    lines = [text]
+    for targets in results.loc[results["method"] == "lora", "targets"].dropna().unique():
+        r90 = rank_for_gain(results, 0.9, targets)
+        r95 = rank_for_gain(results, 0.95, targets)
+        lines.append(
+            f"targets {targets}: 90% of the full-FT gain at rank {r90 if r90 else 'not reached'}, "
+            f"95% at rank {r95 if r95 else 'not reached'}"
+        )
+    errors = results[results["status"] == "error"]
+    if len(errors):
+        lines.append(f"{len(errors)} run(s) failed; see the 'error' column of results.csv")
+    return "\n".join(lines)
+
+
+def load_results(directory: str | os.PathLike) -> pd.DataFrame:
+    path = Path(directory) / "results.csv"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{directory} has no results.csv; run 'python -m rankkit sweep --out {directory}' first."
+        )
+    return ResultsStore(directory).frame()
+
+
+def write_sweep_figures(directory: str | os.PathLike) -> list[Path]:
+    """Write the rank and parameter trade-off figures (PNG and SVG) into ``directory``."""
+    from rankkit.plots import plot_params_tradeoff, plot_rank_tradeoff
+
+    directory = Path(directory)
+    results = load_results(directory)
+    d90 = _intrinsic_dimension(directory)
+    written = []
+    for stem, fig in (
+        ("rank_vs_quality", plot_rank_tradeoff(results)),
+        ("params_vs_quality", plot_params_tradeoff(results, d90=d90)),
+    ):
+        for ext in ("png", "svg"):
+            path = directory / f"{stem}.{ext}"
+            fig.savefig(path, dpi=150, bbox_inches="tight")
+            written.append(path)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return written
+
+
+def _intrinsic_dimension(directory: Path) -> dict[str, Any] | None:
+    """d90 written into this directory by ``python -m rankkit intrinsic-dim --out``."""
+    path = directory / "intrinsic_dimension.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None

@@ -1,0 +1,264 @@
+"""Sweeps end to end: the CLI, resume after a real kill, failures recorded, bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from rankkit.sweep import (
+    RESULT_COLUMNS,
+    RunSpec,
+    SweepConfig,
+    alpha_for_rank,
+    load_results,
+    plan_runs,
+    rank_for_gain,
+    run_one,
+    run_sweep,
+)
+
+# Small but real: the digits task, three epochs per run.
+TINY = {"task": "digits", "ranks": [1, 4], "seeds": [0], "epochs": 3, "lr": 1e-2}
+
+
+def cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "rankkit", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
+
+
+@pytest.mark.slow
+def test_tiny_sweep_through_the_cli(tmp_path):
+    out = tmp_path / "sweep"
+    proc = cli(
+        "sweep",
+        "--ranks",
+        "1,4",
+        "--seeds",
+        "0",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.01",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = pd.read_csv(out / "results.csv")
+    assert list(results.columns[: len(RESULT_COLUMNS)]) == RESULT_COLUMNS
+    assert sorted(results["run_id"]) == sorted(
+        ["frozen-s0", "full-s0", "lora-r1-a1-all_linear-s0", "lora-r4-a4-all_linear-s0"]
+    )
+    assert (results["status"] == "ok").all()
+    lora = results[results["method"] == "lora"].set_index("rank")
+    # More rank, more trainable parameters; all of them far fewer than full fine-tuning.
+    assert lora.loc[1, "trainable_params"] < lora.loc[4, "trainable_params"]
+    full = results[results["method"] == "full"].iloc[0]
+    assert lora["trainable_params"].max() < full["trainable_params"]
+    assert full["trainable_fraction"] == pytest.approx(1.0)
+    for adapter in lora["adapter"]:
+        assert (out / adapter).exists()
+        assert (out / adapter).with_name("adapter_config.json").exists()
+    for name in ("rank_vs_quality", "params_vs_quality"):
+        assert (out / f"{name}.png").stat().st_size > 10_000
+        assert (out / f"{name}.svg").exists()
+    assert json.loads((out / "config.json").read_text())["ranks"] == [1, 4]
+    assert "results:" in proc.stdout and "90% of the full-FT gain" in proc.stdout
+
+    # Re-running skips everything; `plot` redraws from the directory alone.
+    again = cli(
+        "sweep",
+        "--ranks",
+        "1,4",
+        "--seeds",
+        "0",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.01",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert again.returncode == 0 and "4 finished run(s) skipped, 0 to run" in again.stdout
+    assert cli("plot", str(out)).returncode == 0
+
+
+@pytest.mark.slow
+def test_resume_after_a_killed_sweep_runs_exactly_the_missing_runs(tmp_path):
+    out = tmp_path / "killed"
+    args = ["sweep", "--ranks", "1,2,4,8", "--seeds", "0,1", "--epochs", "3", "--lr", "0.01", "--no-baselines",
+            "--out", str(out), "--quiet"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rankkit", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )
+    results = out / "results.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        # Every read while the sweep writes must parse: the file is replaced atomically.
+        if results.exists() and len(pd.read_csv(results)) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = set(pd.read_csv(results)["run_id"])
+    assert 2 <= len(done_before) < 8, "the sweep should have been killed mid-way"
+
+    resumed = cli(*args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (
+        f"{len(done_before)} finished run(s) skipped, {8 - len(done_before)} to run"
+        in resumed.stdout
+    )
+    final = pd.read_csv(results)
+    assert len(final) == 8 and final["run_id"].is_unique
+    assert (final["status"] == "ok").all()
+
+
+def test_a_failing_run_is_recorded_and_the_others_finish(tmp_path):
+    config = SweepConfig(**TINY, baselines=False, out=str(tmp_path / "fail"))
+
+    def flaky(spec, config, out_dir):
+        if spec.rank == 1:
+            raise RuntimeError("injected failure")
+        return run_one(spec, config, out_dir)
+
+    result = run_sweep(config, runner=flaky, progress=False, plot=False, log=lambda _: None)
+    rows = result.results.set_index("rank")
+    assert rows.loc[1, "status"] == "error"
+    assert "RuntimeError: injected failure" in rows.loc[1, "error"]
+    assert rows.loc[4, "status"] == "ok" and rows.loc[4, "test_metric"] > 0.5
+
+    # Resuming retries only the failed run.
+    seen = []
+
+    def recording(spec, config, out_dir):
+        seen.append(spec.run_id)
+        return run_one(spec, config, out_dir)
+
+    again = run_sweep(config, runner=recording, progress=False, plot=False, log=lambda _: None)
+    assert seen == ["lora-r1-a1-all_linear-s0"]
+    assert (again.results["status"] == "ok").all()
+
+
+def test_parallel_jobs_give_the_same_numbers_as_sequential(tmp_path):
+    seq = run_sweep(
+        SweepConfig(**TINY, baselines=False, out=str(tmp_path / "seq")),
+        progress=False, plot=False, log=lambda _: None,
+    )  # fmt: skip
+    par = run_sweep(
+        SweepConfig(**TINY, baselines=False, jobs=2, out=str(tmp_path / "par")),
+        progress=False, plot=False, log=lambda _: None,
+    )  # fmt: skip
+    a = seq.results.set_index("run_id")["test_metric"]
+    b = par.results.set_index("run_id")["test_metric"]
+    pd.testing.assert_series_equal(a.sort_index(), b.sort_index())
+
+
+def test_config_that_differs_is_refused_unless_forced(tmp_path):
+    out = str(tmp_path / "cfg")
+    run_sweep(
+        SweepConfig(**{**TINY, "ranks": [1]}, baselines=False, out=out),
+        progress=False, plot=False, log=lambda _: None,
+    )  # fmt: skip
+    changed = SweepConfig(**{**TINY, "ranks": [1], "epochs": 2}, baselines=False, out=out)
+    with pytest.raises(ValueError, match=r"different config \(epochs: 3 there vs 2 now\).*--force"):
+        run_sweep(changed, progress=False, plot=False)
+    # Execution-only keys (jobs, executor...) may change freely.
+    same = SweepConfig(**{**TINY, "ranks": [1]}, baselines=False, out=out, jobs=2)
+    assert run_sweep(same, progress=False, plot=False, log=lambda _: None).ran == []
+
+
+def test_bad_configs_give_clear_errors(tmp_path):
+    toml = tmp_path / "sweep.toml"
+    toml.write_text('task = "digits"\nrank = [1, 2]\n')
+    with pytest.raises(ValueError, match=r"unknown key\(s\) 'rank' \(did you mean 'ranks'\?\)"):
+        SweepConfig.from_toml(toml)
+    with pytest.raises(ValueError, match="ranks is empty"):
+        SweepConfig(ranks=[]).validated()
+    with pytest.raises(ValueError, match="not a positive integer"):
+        SweepConfig(ranks="1,0").validated()
+    with pytest.raises(ValueError, match="unknown executor 'dask'; choose one of local, ray"):
+        SweepConfig(executor="dask").validated()
+    with pytest.raises(ValueError, match="alpha must be"):
+        SweepConfig(alpha="two").validated()
+    with pytest.raises(ValueError, match="digits"):
+        SweepConfig(task="no-such-task").validated()
+    with pytest.raises(ValueError, match=r"exceed the width of .* the largest useful rank"):
+        run_sweep(SweepConfig(task="digits", ranks=[4, 100000], out=str(tmp_path / "x")))
+    proc = cli("sweep", "--ranks", "", "--out", str(tmp_path / "y"))
+    assert proc.returncode == 1 and "ranks is empty" in proc.stderr
+
+
+def test_cli_flags_override_the_config_file(tmp_path):
+    toml = tmp_path / "sweep.toml"
+    toml.write_text(
+        '[sweep]\ntask = "digits"\nranks = [1]\nseeds = [0]\nepochs = 3\nlr = 0.01\nbaselines = false\n'
+    )
+    out = tmp_path / "flags"
+    proc = cli("sweep", "--config", str(toml), "--ranks", "2", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert list(pd.read_csv(out / "results.csv")["rank"]) == [2]
+
+
+def test_plan_alpha_and_rank_for_gain():
+    config = SweepConfig(
+        task="digits", ranks=[1, 2], seeds=[0, 1], targets=["q,v", "all-linear"], alpha="2r"
+    )
+    runs = plan_runs(config.validated())
+    assert len(runs) == 2 * 2 + 2 * 2 * 2
+    assert RunSpec("lora", 0, 2, 4.0, "q,v") in runs
+    assert (
+        alpha_for_rank("r", 8) == 8
+        and alpha_for_rank("2r", 8) == 16
+        and alpha_for_rank(16, 8) == 16
+    )
+    results = pd.DataFrame(
+        [
+            {"method": "frozen", "test_metric": 0.5, "status": "ok", "rank": None, "targets": None},
+            {"method": "full", "test_metric": 0.9, "status": "ok", "rank": None, "targets": None},
+            {"method": "lora", "test_metric": 0.8, "status": "ok", "rank": 1, "targets": "q"},
+            {"method": "lora", "test_metric": 0.87, "status": "ok", "rank": 2, "targets": "q"},
+            {"method": "lora", "test_metric": 0.89, "status": "ok", "rank": 4, "targets": "q"},
+        ]
+    )
+    # gains: r1 0.75, r2 0.925, r4 0.975
+    assert rank_for_gain(results, 0.9) == 2
+    assert rank_for_gain(results, 0.95) == 4
+    assert rank_for_gain(results, 0.99) is None
+
+
+def test_load_results_explains_a_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run 'python -m rankkit sweep"):
+        load_results(tmp_path)
+
+
+@pytest.mark.slow
+def test_ray_executor_writes_the_same_results(tmp_path):
+    pytest.importorskip("ray", reason="Ray is optional: pip install 'rankkit[ray]'")
+    local = run_sweep(
+        SweepConfig(**TINY, baselines=False, out=str(tmp_path / "local")),
+        progress=False, plot=False, log=lambda _: None,
+    )  # fmt: skip
+    remote = run_sweep(
+        SweepConfig(**TINY, baselines=False, executor="ray", cpus_per_run=1, out=str(tmp_path / "ray")),
+        progress=False, plot=False, log=lambda _: None,
+    )  # fmt: skip
+    assert list(remote.results.columns) == list(local.results.columns)
+    a = local.results.set_index("run_id")["test_metric"].sort_index()
+    b = remote.results.set_index("run_id")["test_metric"].sort_index()
+    pd.testing.assert_series_equal(a, b)
+    assert (tmp_path / "ray" / remote.results["adapter"].iloc[0]).exists()
