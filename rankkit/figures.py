@@ -1,0 +1,223 @@
+"""Regenerate the figures in ``figures/`` -- the ones the README shows -- from scratch.
+
+``python -m rankkit figures`` (or :func:`make_figures`) trains everything it plots
+with the public API, on the built-in ``digits`` task, and writes PNG files:
+
+==================================  ===========================================================
+file                                what it shows
+==================================  ===========================================================
+``digits_dW_spectrum.png``          singular values of full fine-tuning's ΔW per layer, against
+                                    a random matrix of the same shape and norm (notebook 2)
+``digits_rank_vs_quality.png``      test accuracy against LoRA rank on ``fc1,fc2``, mean and
+                                    min-max over seeds, with full fine-tuning and the frozen
+                                    base (notebook 4)
+``digits_params_vs_quality.png``    the same runs against trainable parameters, with the Pareto
+                                    front and the intrinsic dimension d90 of fine-tuning
+``digits_subspace_similarity.png``  φ(A_r=8, A_r=64, i, j) of ``fc2``'s adapters: the LoRA
+                                    paper's Figure 3 in miniature (notebook 5)
+``digits_intrinsic_dimension.png``  random-subspace training θ = θ₀ + P θ_d, fine-tuning versus
+                                    training from scratch, with d90 marked (notebook 6)
+``toy_intrinsic_dimension.png``     Li et al.'s toy problem, whose intrinsic dimension is 10
+==================================  ===========================================================
+
+Everything is seeded, so a rerun on the same machine redraws the same figures. The
+default ("full") settings are the ones the notebooks' full mode uses and take some
+minutes on a laptop CPU; ``quick=True`` shrinks every run to a smoke test (a minute or
+two) whose figures are not meant to be published.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+#: File name -> one-line description of every figure :func:`make_figures` writes.
+FIGURES = {
+    "digits_dW_spectrum.png": "digits: singular values of full fine-tuning's ΔW per layer vs a "
+    "random matrix of the same shape and norm",
+    "digits_rank_vs_quality.png": "digits: test accuracy vs LoRA rank (fc1,fc2), mean and min-max "
+    "over seeds, with full fine-tuning and the frozen base",
+    "digits_params_vs_quality.png": "digits: test accuracy vs trainable parameters, Pareto front, "
+    "and the intrinsic dimension d90 of fine-tuning",
+    "digits_subspace_similarity.png": "digits: subspace similarity φ(A_r=8, A_r=64, i, j) of fc2's "
+    "LoRA A matrices (LoRA paper, Figure 3)",
+    "digits_intrinsic_dimension.png": "digits: accuracy of random-subspace training vs d, "
+    "fine-tuning vs from scratch, d90 marked",
+    "toy_intrinsic_dimension.png": "Li et al.'s toy problem: precision vs subspace dimension d, "
+    "intrinsic dimension 10",
+}
+
+LORA_LR = 1e-2  # LoRA learning rate on digits (the task default 3e-3 is tuned for full fine-tuning)
+
+
+@dataclass(frozen=True)
+class FigureSettings:
+    """Sizes of the runs behind the figures (``full`` or ``quick``)."""
+
+    ranks: tuple[int, ...]
+    seeds: tuple[int, ...]
+    epochs: int | None  # None: the task's default
+    intrinsic_dims: tuple[int, ...] | None  # None: the default coarse grid + bisection
+    intrinsic_seeds: tuple[int, ...]
+
+    @classmethod
+    def get(cls, quick: bool) -> FigureSettings:
+        if quick:
+            return cls(ranks=(1, 8, 64), seeds=(0,), epochs=3, intrinsic_dims=(10, 100, 1000),
+                       intrinsic_seeds=(0,))  # fmt: skip
+        return cls(ranks=(1, 2, 4, 8, 16, 32, 64), seeds=(0, 1, 2), epochs=None,
+                   intrinsic_dims=None, intrinsic_seeds=(0, 1, 2))  # fmt: skip
+
+
+def make_figures(
+    out: str | os.PathLike = "figures",
+    *,
+    quick: bool = False,
+    jobs: int = 1,
+    work_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """Train what the figures need and write them into ``out``; return the paths written.
+
+    Parameters
+    ----------
+    out : path
+        Directory for the PNG files (created if needed).
+    quick : bool
+        Tiny runs for a smoke test instead of the published settings.
+    jobs : int
+        Worker processes for the rank sweep.
+    work_dir : path, optional
+        Keep the sweep's runs (``results.csv``, adapters) here; default a temporary
+        directory that is deleted afterwards.
+    progress : bool
+        Show progress bars.
+    log : callable
+        Where status lines go.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = FigureSettings.get(quick)
+    if work_dir is not None:
+        return _make_all(out, Path(work_dir), settings, jobs, progress, log)
+    with tempfile.TemporaryDirectory(prefix="rankkit-figures-") as tmp:
+        return _make_all(out, Path(tmp), settings, jobs, progress, log)
+
+
+def _save(fig, path: Path, log: Callable[[str], None]) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    log(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return path
+
+
+def _make_all(out, work, settings, jobs, progress, log) -> list[Path]:
+    import rankkit
+    from rankkit.intrinsic import HyperplaneProblem, TaskProblem
+    from rankkit.plots import (
+        plot_intrinsic_dimension,
+        plot_params_tradeoff,
+        plot_rank_tradeoff,
+        plot_spectra,
+        plot_subspace_similarity,
+    )
+    from rankkit.sweep import SweepConfig, run_sweep
+    from rankkit.tasks import get_task
+    from rankkit.train import fit
+
+    start = time.perf_counter()
+    written: list[Path] = []
+    task = get_task("digits")
+
+    # 1. Spectrum of full fine-tuning's update.
+    log("[1/4] full fine-tuning of digits (seed 0) -> spectrum of ΔW")
+    model = task.build_model(pretrained=True, seed=0)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    result = fit(model, task, epochs=settings.epochs, seed=0, progress=progress)
+    log(f"      {result}")
+    fig = plot_spectra(
+        rankkit.delta_weights(base, model),
+        title="digits, full fine-tuning: singular values of ΔW vs a random matrix of the same "
+        "shape and norm",
+    )
+    written.append(_save(fig, out / "digits_dW_spectrum.png", log))
+
+    # 2. Intrinsic dimension: toy, then digits fine-tuning vs from scratch.
+    log("[2/4] intrinsic dimension: toy problem, digits fine-tuning and from scratch")
+    toy = rankkit.estimate_intrinsic_dimension(
+        HyperplaneProblem(), seeds=(0, 1, 2), rtol=0, progress=progress
+    )
+    log(f"      toy: d90 = {toy.d90}")
+    fig = plot_intrinsic_dimension(toy, title="Li et al.'s toy problem: intrinsic dimension 10")
+    written.append(_save(fig, out / "toy_intrinsic_dimension.png", log))
+    intrinsic = {}
+    for label, scratch in (
+        ("fine-tuning (pretrained θ₀)", False),
+        ("from scratch (random θ₀)", True),
+    ):
+        problem = TaskProblem("digits", from_scratch=scratch, epochs=settings.epochs)
+        intrinsic[label] = rankkit.estimate_intrinsic_dimension(
+            problem,
+            dims=settings.intrinsic_dims,
+            seeds=settings.intrinsic_seeds,
+            progress=progress,
+        )
+        log(f"      {label}: d90 = {intrinsic[label].d90}")
+    fig = plot_intrinsic_dimension(
+        intrinsic, title="digits MLP: training in a random subspace θ = θ₀ + P θ_d"
+    )
+    written.append(_save(fig, out / "digits_intrinsic_dimension.png", log))
+    finetune_d90 = next(iter(intrinsic.values())).to_dict()
+
+    # 3. Rank sweep: trade-off figures (with d90 on the parameter axis).
+    log(
+        f"[3/4] LoRA rank sweep on digits: ranks {list(settings.ranks)}, seeds {list(settings.seeds)}"
+    )
+    config = SweepConfig(
+        task="digits",
+        ranks=list(settings.ranks),
+        seeds=list(settings.seeds),
+        targets=["fc1,fc2"],
+        epochs=settings.epochs,
+        lr=LORA_LR,
+        out=str(work / "digits-sweep"),
+        jobs=jobs,
+    )
+    sweep = run_sweep(config, progress=progress, plot=False, log=log)
+    results = sweep.results
+    failed = results[results["status"] != "ok"]
+    if len(failed):
+        raise RuntimeError(f"{len(failed)} sweep run(s) failed: {failed['error'].tolist()[:3]}")
+    written.append(_save(plot_rank_tradeoff(results), out / "digits_rank_vs_quality.png", log))
+    fig = plot_params_tradeoff(results, d90=finetune_d90)
+    written.append(_save(fig, out / "digits_params_vs_quality.png", log))
+
+    # 4. Subspace similarity of two of the sweep's adapters (seed 0): r = 8 vs r = 64.
+    lora = results[(results["method"] == "lora") & (results["seed"] == settings.seeds[0])]
+    ranks = sorted(int(r) for r in lora["rank"].unique())
+    low = 8 if 8 in ranks else ranks[0]
+    high = ranks[-1]
+    log(f"[4/4] subspace similarity of fc2's adapters: r = {low} vs r = {high}")
+
+    def lora_A(rank: int):
+        row = lora[lora["rank"] == rank].iloc[0]
+        tensors = rankkit.load_state_dict(sweep.directory / row["adapter"])
+        return tensors["base_model.model.fc2.lora_A.weight"]
+
+    grid = rankkit.subspace_similarity_grid(lora_A(low), lora_A(high))
+    fig = plot_subspace_similarity(
+        grid,
+        xlabel=f"j (top-j right singular vectors of A, r = {high})",
+        ylabel=f"i (top-i of A, r = {low})",
+        title=f"digits fc2: φ(A_r={low}, A_r={high}, i, j)",
+    )
+    written.append(_save(fig, out / "digits_subspace_similarity.png", log))
+    log(f"done in {time.perf_counter() - start:.0f}s")
+    return written
