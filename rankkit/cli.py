@@ -201,7 +201,8 @@ def _register_intrinsic_dim(subparsers) -> None:
         python -m rankkit intrinsic-dim --task toy                      # Li et al.'s toy: d90 = 10
         python -m rankkit intrinsic-dim                                 # fine-tune digits' base
         python -m rankkit intrinsic-dim --from-scratch --seeds 0 1 2    # same MLP from random init
-        python -m rankkit intrinsic-dim --task topics --mode said --dims 10 100 1000 --seeds 0
+        python -m rankkit intrinsic-dim --task topics --dims 100 1000 10000 --seeds 0 --lr 0.1 --lr-ref-d 1000
+        python -m rankkit intrinsic-dim --mode said --projection sparse --dims 10 100 1000
         python -m rankkit intrinsic-dim --projection dense --baseline 0.97 --out runs/digits-sweep
         """,
     )

@@ -380,6 +380,10 @@ def plot_intrinsic_dimension(
             ax.axvline(
                 r.d90, color=color, ls="-.", lw=1.2, label=f"  d{pct[:-1]} = {_human(r.d90)}"
             )
+        elif len(curve):
+            ax.plot(
+                [], [], ls="none", label=f"  d{pct[:-1]} > {_human(curve['d'].max())} (not reached)"
+            )
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
     ax.set_xlabel("subspace dimension d (trained parameters)")

@@ -464,12 +464,17 @@ def test_plot_intrinsic_dimension_overlays_results():
     b = estimate_intrinsic_dimension(
         HyperplaneProblem(groups=5, group_size=200), seeds=(0,), rtol=0, progress=False
     )
-    fig = plot_intrinsic_dimension({"10 groups": a, "5 groups": b})
+    never = estimate_intrinsic_dimension(  # a global baseline no run can reach
+        HyperplaneProblem(), seeds=(0,), baseline=2.0, dims=[5, 20], progress=False
+    )
+    assert never.d90 is None and never.baseline_source == "global"
+    fig = plot_intrinsic_dimension({"10 groups": a, "5 groups": b, "unreachable": never})
     assert isinstance(fig, Figure)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any("d90 = 10" in t for t in labels) and any("d90 = 5" in t for t in labels)
+    assert any("d90 > 20 (not reached)" in t for t in labels)
 
 
 # --------------------------------------------------------------------------- real tasks
