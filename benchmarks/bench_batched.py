@@ -32,7 +32,7 @@ Run::
 
     python benchmarks/bench_batched.py --workload digits --threads 1
     python benchmarks/bench_batched.py --workload topics --threads 1 --max-runs 6
-    python benchmarks/bench_batched.py --workload topics --device cuda --epochs 10 --threads 8
+    python benchmarks/bench_batched.py --workload topics --device cuda --epochs 10
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ than a small one.
 When it is faster: batching removes per-step overhead (Python, small-kernel
 launches), not arithmetic. On a GPU, where a single small run leaves the device
 idle, that is most of the time; on a CPU it is for small models such as the
-digits MLP (3.2x in ``benchmarks/README.md``), while a transformer step that is
+digits MLP (about 3x in ``benchmarks/README.md``), while a transformer step that is
 already compute-bound gains nothing (:data:`CPU_SMALL_STEP_BYTES`).
 
 Limits: models whose layers mix examples across the batch (batch norm) are
@@ -142,7 +142,7 @@ MEMORY_FRACTION = 0.5
 #: per-operation overhead dominate it. A step that keeps more activations than this
 #: for backward is compute-bound on a CPU: stacking runs does the same arithmetic on
 #: larger tensors and is no faster (measured in benchmarks/README.md: digits, 0.16 MiB
-#: per run and step, 3.2x faster batched; topics, 22 MiB, 0.95x). Such runs are
+#: per run and step, about 3x faster batched; topics, 22 MiB, 0.9-1.1x). Such runs are
 #: trained one at a time on a CPU unless ``max_runs`` is given.
 CPU_SMALL_STEP_BYTES = 8 * 2**20
 
@@ -764,7 +764,13 @@ def _is_base_method(task, name: str) -> bool:
 
 
 def _is_plain_accuracy(task) -> bool:
-    return _is_base_method(task, "evaluate") and isinstance(task.splits()["val"], TensorDataset)
+    """Whether validation is Task.evaluate's argmax accuracy on an ``(inputs, labels)`` split."""
+    val = task.splits()["val"]
+    return (
+        _is_base_method(task, "evaluate")
+        and isinstance(val, TensorDataset)
+        and len(val.tensors) == 2
+    )
 
 
 @torch.no_grad()
