@@ -1,4 +1,4 @@
-"""Figures. Every function returns a matplotlib ``Figure`` and never calls ``plt.show()``.
+"""Figures. Every function returns a matplotlib ``Figure`` and never shows it itself.
 
 In a notebook the returned figure displays itself; in a script, save it with
 ``fig.savefig("name.png", dpi=150, bbox_inches="tight")``. Legends sit outside the
