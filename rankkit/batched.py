@@ -98,6 +98,7 @@ Example
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -117,6 +118,7 @@ from rankkit.train import (
     _peak_memory_mb,
     _progress_bar,
     _to_device,
+    autocast_for,
     count_parameters,
     resolve_device,
     set_seed,
@@ -534,12 +536,7 @@ def fit_batched(
         run.to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-
-    def autocast():
-        if use_bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    autocast = functools.partial(autocast_for, dev)
 
     stacked = [p for p in model.parameters() if p.requires_grad]
     # Weight decay by each run's own tensor: a matrix per run decays, a vector does not.

@@ -29,6 +29,7 @@ objectives used to build their base weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import sys
@@ -219,6 +220,13 @@ def _lr_factor(step: int, total: int, warmup_steps: int, schedule: str) -> float
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA devices that support it, a no-op context elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _to_device(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -324,12 +332,7 @@ def fit(
     model.to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-
-    def autocast():
-        if use_bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    autocast = functools.partial(autocast_for, dev)
 
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(
