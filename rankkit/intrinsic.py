@@ -230,6 +230,11 @@ class SubspaceModel(nn.Module):
         self.d = d
 
         m = len(self.names) if self.mode == "said" else 0
+        if m and isinstance(d, int) and not isinstance(d, bool) and d > self.D + m:
+            raise ValueError(
+                f"d={d} exceeds what mode='said' can use: D={self.D} projected parameters plus "
+                f"m={m} per-tensor scales. Use d <= {self.D + m}."
+            )
         check_dimensions(self.D + m, d)
         if d <= m:
             raise ValueError(

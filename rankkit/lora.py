@@ -451,6 +451,7 @@ def apply_lora(
     config: LoraConfig,
     *,
     roles: Mapping[str, Sequence[str]] | Any = None,
+    seed: int | None = None,
 ) -> nn.Module:
     """Wrap the targeted ``nn.Linear`` layers of ``model`` in :class:`LoRALinear`, in place.
 
@@ -467,6 +468,11 @@ def apply_lora(
         Optional names for groups of modules (a rankkit task's ``task.roles``, e.g.
         ``{"q": ["blocks.0.attn.q", ...]}``). A ``target_modules`` or
         ``modules_to_save`` entry that is a role expands to its module names.
+    seed : int, optional
+        Seed for the random initialisation of the ``A`` matrices, drawn from a
+        private generator state so the global one is left untouched. Default: draw
+        from the global generator (call :func:`rankkit.train.set_seed` first for
+        reproducible runs).
 
     Returns
     -------
@@ -490,16 +496,19 @@ def apply_lora(
         plan.append((name, linear, r, alpha))
 
     model.requires_grad_(False)
-    for name, linear, r, alpha in plan:
-        layer = LoRALinear(
-            linear,
-            r=r,
-            lora_alpha=alpha,
-            lora_dropout=config.lora_dropout,
-            use_rslora=config.use_rslora,
-            init_lora_weights=config.init_lora_weights,
-        )
-        _set_submodule(model, name, layer)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        for name, linear, r, alpha in plan:
+            layer = LoRALinear(
+                linear,
+                r=r,
+                lora_alpha=alpha,
+                lora_dropout=config.lora_dropout,
+                use_rslora=config.use_rslora,
+                init_lora_weights=config.init_lora_weights,
+            )
+            _set_submodule(model, name, layer)
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
     model.rankkit_lora_config = dataclasses.replace(

@@ -242,6 +242,10 @@ def test_said_needs_more_than_one_dimension_per_tensor():
     m = len(list(tiny().parameters()))
     with pytest.raises(ValueError, match=f"mode='said'.*m={m}.*d >= {m + 1}"):
         SubspaceModel(tiny(), m, mode="said")
+    D = sum(p.numel() for p in tiny().parameters())
+    SubspaceModel(tiny(), D + m, mode="said")  # every parameter direction plus the m scales
+    with pytest.raises(ValueError, match=f"d={D + m + 1} exceeds.*D={D}.*m={m}.*d <= {D + m}"):
+        SubspaceModel(tiny(), D + m + 1, mode="said")
     with pytest.raises(ValueError, match="unknown mode 'sad'; did you mean 'said'"):
         SubspaceModel(tiny(), 20, mode="sad")
 

@@ -141,6 +141,40 @@ def test_init_distributions():
     assert gaussian.std().item() == pytest.approx(1 / 64, rel=0.05)
 
 
+def test_seeded_apply_lora_is_reproducible_and_leaves_the_global_generator_alone(base):
+    def a_matrices(model):
+        return [m.lora_A.detach().clone() for m in model.modules() if isinstance(m, LoRALinear)]
+
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = a_matrices(
+        apply_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q", "v"]), seed=7)
+    )
+    assert torch.equal(torch.random.get_rng_state(), state)  # nothing drawn from it
+    again = a_matrices(
+        apply_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q", "v"]), seed=7)
+    )
+    other = a_matrices(
+        apply_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q", "v"]), seed=8)
+    )
+    assert len(first) == 2 * len(base.blocks)  # q and v of every block
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+    # Without a seed the global generator decides, as before.
+    torch.manual_seed(5)
+    unseeded = a_matrices(
+        apply_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q", "v"]))
+    )
+    torch.manual_seed(5)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            unseeded,
+            a_matrices(apply_lora(copy.deepcopy(base), LoraConfig(r=4, target_modules=["q", "v"]))),
+        )
+    )
+
+
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_pissa_keeps_output_and_puts_top_singular_triplets_in_the_adapter(base, tokens, use_rslora):
     model = lora(base, init_lora_weights="pissa", r=3, lora_alpha=5, use_rslora=use_rslora)
