@@ -231,6 +231,11 @@ def _register_intrinsic_dim(subparsers) -> None:
         help="--lr is the rate at d = D0; other d use lr * sqrt(D0 / d)",
     )
     p.add_argument("--exclude-head", action="store_true", help="keep the head out of the subspace")
+    p.add_argument(
+        "--train-head",
+        action="store_true",
+        help="train the head directly, outside the subspace (d counts the body only)",
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, mps")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/<task>-intrinsic)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -250,6 +255,7 @@ def _cmd_intrinsic_dim(args) -> int:
             args.task,
             from_scratch=args.from_scratch,
             exclude_head=args.exclude_head,
+            train_head=args.train_head,
             epochs=args.epochs,
             subspace_epochs=args.epochs,
             subspace_lr=args.lr,

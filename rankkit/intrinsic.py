@@ -490,6 +490,14 @@ class TaskProblem:
         frozen at :math:`\theta_0`. Default False: the head takes part, as in
         Aghajanyan et al. (rankkit's task heads are newly initialised even on a
         pretrained base, so a frozen head stays random).
+    train_head : bool
+        Keep the head out of the subspace and train it directly, at the task's
+        ``head_lr`` (else its ``lr``), the way LoRA trains a new head
+        (``modules_to_save``). ``d``
+        then counts only the body's dimensions; the head's parameters come on top.
+        This separates "learn a classifier" from "adapt the body": with a random
+        head inside the subspace, a random direction spends only
+        ``head size / D`` of its length on the head.
     epochs, lr, batch_size : optional
         Hyperparameters of the baseline (default: ``task.default_hparams``).
     subspace_epochs, subspace_lr : optional
@@ -519,6 +527,7 @@ class TaskProblem:
         *,
         from_scratch: bool = False,
         exclude_head: bool = False,
+        train_head: bool = False,
         epochs: int | None = None,
         lr: float | None = None,
         batch_size: int | None = None,
@@ -549,14 +558,17 @@ class TaskProblem:
                 f"lr_ref_d must be a positive int (a subspace dimension), got {lr_ref_d!r}."
             )
         self.lr_ref_d = lr_ref_d
-        self.exclude = tuple(task.head_modules) if exclude_head else ()
+        self.exclude = tuple(task.head_modules) if exclude_head or train_head else ()
+        self.train_head = bool(train_head)
+        self.head_lr = float(hp.get("head_lr", self.lr))
         self.split = split
         self.model_fn = model_fn or (
             lambda pretrained, seed: task.build_model(pretrained=pretrained, seed=seed)
         )
         self.device = device
         self.metric_name = f"{split}_{task.metric_name}"
-        self.name = f"{task_name} ({'from scratch' if self.from_scratch else 'fine-tuning'})"
+        self.name = f"{task_name} ({'from scratch' if self.from_scratch else 'fine-tuning'}"
+        self.name += ", head trained directly)" if self.train_head else ")"
         self.last_metrics: dict[str, float] = {}
 
     def build_model(self, seed: int) -> nn.Module:
@@ -575,7 +587,7 @@ class TaskProblem:
     def num_tensors(self) -> int:
         return len(self._taking_part())
 
-    def _fit(self, model: nn.Module, seed: int, epochs: int, lr: float) -> float:
+    def _fit(self, model: nn.Module, seed: int, epochs: int, lr: float, lr_overrides=None) -> float:
         from rankkit.train import fit
 
         result = fit(
@@ -587,14 +599,16 @@ class TaskProblem:
             device=self.device,
             seed=seed,
             progress=False,
+            lr_overrides=lr_overrides,
         )
         self.last_metrics = dict(result.metrics)
         return float(result.metrics[self.metric_name])
 
     def train_full(self, seed: int) -> float:
         model = self.build_model(seed)
+        frozen = () if self.train_head else self.exclude  # a directly trained head trains here too
         for n, p in model.named_parameters():
-            p.requires_grad_(not any(_matches(n, e) for e in self.exclude))
+            p.requires_grad_(not any(_matches(n, e) for e in frozen))
         return self._fit(model, seed, self.epochs, self.lr)
 
     def train_subspace(
@@ -615,7 +629,12 @@ class TaskProblem:
             seed=seed,
             max_dense_bytes=max_dense_bytes,
         )
-        return self._fit(sub, seed, self.subspace_epochs, self.lr_at(d))
+        head_lrs = None
+        if self.train_head:
+            for n, p in sub.base.named_parameters():
+                p.requires_grad_(any(_matches(n, e) for e in self.exclude))
+            head_lrs = {f"base.{e}": self.head_lr for e in self.exclude}
+        return self._fit(sub, seed, self.subspace_epochs, self.lr_at(d), head_lrs)
 
     def lr_at(self, d: int) -> float:
         """Learning rate of subspace training at dimension ``d``."""

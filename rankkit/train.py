@@ -34,7 +34,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -250,6 +250,41 @@ def _peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
 
 
+def _param_groups(
+    named: list[tuple[str, torch.Tensor]],
+    lr: float,
+    weight_decay: float,
+    lr_overrides: Mapping[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices only, and one group per overridden learning rate."""
+    overrides = dict(lr_overrides or {})
+    for key, value in overrides.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(
+                f"fit: lr_overrides[{key!r}] must be a positive number, got {value!r}."
+            )
+        if not any(n == key or n.startswith(key + ".") for n, _ in named):
+            names = ", ".join(n for n, _ in named[:6])
+            raise ValueError(
+                f"fit: lr_overrides key {key!r} matches no trainable parameter; trainable "
+                f"parameters are named like: {names}{', ...' if len(named) > 6 else ''}."
+            )
+
+    def rate(name: str) -> float:
+        keys = [k for k in overrides if name == k or name.startswith(k + ".")]
+        return overrides[max(keys, key=len)] if keys else lr
+
+    groups: dict[tuple[float, bool], list[torch.Tensor]] = {}
+    for n, p in named:
+        groups.setdefault((rate(n), p.ndim >= 2), []).append(p)
+    # Without overrides: exactly two groups, matrices (decayed) first.
+    order = sorted(groups, key=lambda k: (k[0] != lr, not k[1]))
+    return [
+        {"params": groups[k], "lr": k[0], "weight_decay": weight_decay if k[1] else 0.0}
+        for k in order
+    ]
+
+
 def fit(
     model: nn.Module,
     task,
@@ -264,6 +299,7 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     eval_every: int = 1,
+    lr_overrides: Mapping[str, float] | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``task``; keep the best epoch.
 
@@ -291,6 +327,11 @@ def fit(
         Show a tqdm progress bar (terminal or notebook); ``False`` is silent.
     eval_every : int
         Evaluate on the validation split every this many epochs (and after the last).
+    lr_overrides : mapping of str to float, optional
+        Learning rates for some trainable parameters: a key ``"head"`` applies to the
+        parameters named ``head`` or ``head.*`` (the longest matching key wins); the
+        others use ``lr``. The schedule scales every rate alike. For example a new
+        head trained next to a slowly moving body.
 
     Returns
     -------
@@ -336,11 +377,7 @@ def fit(
 
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp["weight_decay"]},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=hp["lr"],
+        _param_groups(named, hp["lr"], hp["weight_decay"], lr_overrides), lr=hp["lr"]
     )
     loader = DataLoader(
         task.splits()["train"],
@@ -427,7 +464,12 @@ def fit(
         peak_memory_mb=_peak_memory_mb(dev),
         device=str(dev),
         best_epoch=best_epoch,
-        hparams={**hp, "grad_clip": grad_clip, "seed": seed},
+        hparams={
+            **hp,
+            "grad_clip": grad_clip,
+            "seed": seed,
+            **({"lr_overrides": dict(lr_overrides)} if lr_overrides else {}),
+        },
     )
 
 

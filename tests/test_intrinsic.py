@@ -541,3 +541,35 @@ def test_task_problem_starting_points_follow_the_seed():
     assert not torch.equal(a.fc1.weight, c.fc1.weight)
     assert finetune.num_params() == sum(p.numel() for p in c.parameters())
     assert TaskProblem("digits", exclude_head=True).num_tensors() == 4
+
+
+@pytest.mark.parametrize("train_head", [False, True])
+def test_head_out_of_the_subspace_is_frozen_or_trained_directly(train_head):
+    from rankkit.tasks import get_task
+
+    task, built = get_task("digits"), []
+
+    def model_fn(pretrained, seed):
+        built.append(task.build_model(pretrained=pretrained, seed=seed))
+        return built[-1]
+
+    problem = TaskProblem(
+        task, exclude_head=True, train_head=train_head, model_fn=model_fn, epochs=2, device="cpu"
+    )
+    assert problem.num_params() == sum(
+        p.numel() for n, p in built[-1].named_parameters() if not n.startswith("head.")
+    )
+    model = model_fn(True, 0)
+    head0, body0 = model.head.weight.clone(), model.fc1.weight.clone()
+    problem.model_fn = lambda pretrained, seed: model
+    problem.train_subspace(5, seed=0)
+    # The body moves only through theta_d (functionally): its own tensors stay theta_0.
+    assert torch.equal(model.fc1.weight, body0)
+    assert torch.equal(model.head.weight, head0) is not train_head
+    assert ("head trained directly" in problem.name) is train_head
+    # The baseline is normal training: a head trained directly is trained there too.
+    fresh = model_fn(True, 0)
+    problem.model_fn = lambda pretrained, seed: fresh
+    problem.train_full(seed=0)
+    assert torch.equal(fresh.head.weight, head0) is not train_head
+    assert not torch.equal(fresh.fc1.weight, body0)

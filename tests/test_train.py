@@ -17,6 +17,7 @@ from rankkit.tasks import get_task, load_base_weights
 from rankkit.train import (
     TrainResult,
     _lr_factor,
+    _param_groups,
     count_parameters,
     fit,
     freeze_all_but,
@@ -194,6 +195,43 @@ def test_warmup_then_cosine_learning_rate():
     assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.001
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
     assert _lr_factor(50, total, warm, "constant") == 1.0
+
+
+def test_lr_overrides_give_named_parameters_their_own_rate():
+    model = get_task("digits").build_model()
+    named = list(model.named_parameters())
+    plain = _param_groups(named, 1e-3, 0.01)
+    # Without overrides: matrices (decayed) then vectors, all at lr -- the classic two groups.
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain] == [
+        (1e-3, 0.01, 3),
+        (1e-3, 0.0, 3),
+    ]
+    groups = _param_groups(named, 1e-3, 0.01, {"head": 0.1, "head.bias": 0.5})
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert rate[id(model.head.weight)] == 0.1
+    assert rate[id(model.head.bias)] == 0.5  # the longest matching key wins
+    assert rate[id(model.fc1.weight)] == rate[id(model.fc2.bias)] == 1e-3
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+    # One constant-rate AdamW step moves each weight by about its own rate (Adam's first
+    # step is lr * g / |g|).
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    before = _snapshot(model)
+    loss = model(torch.rand(16, 64)).logsumexp(1).mean() - model.head.bias.sum()
+    loss.backward()
+    opt.step()
+    moved = {k: (v - before[k]).abs().max().item() for k, v in model.state_dict().items()}
+    assert moved["head.weight"] == pytest.approx(0.1, rel=0.02)
+    assert moved["head.bias"] == pytest.approx(0.5, rel=0.02)
+    assert moved["fc2.weight"] == pytest.approx(1e-3, rel=0.02)
+
+    task = SmallDigits()
+    result = fit(model, task, epochs=1, progress=False, lr_overrides={"head": 0.1})
+    assert result.hparams["lr_overrides"] == {"head": 0.1}
+    with pytest.raises(ValueError, match="lr_overrides key 'haed' matches no trainable"):
+        fit(model, task, epochs=1, progress=False, lr_overrides={"haed": 0.1})
+    with pytest.raises(ValueError, match=r"lr_overrides\['head'\] must be a positive number"):
+        fit(model, task, epochs=1, progress=False, lr_overrides={"head": 0})
 
 
 def test_result_reports_counts_time_memory_and_device():
