@@ -189,7 +189,9 @@ def plot_rank_tradeoff(results: pd.DataFrame) -> Figure:
     """Test metric against LoRA rank (log2 axis), mean and min–max over seeds.
 
     One line per target set; horizontal references for full fine-tuning and the frozen
-    base; each point is labelled with its number of trainable parameters.
+    base. Trainable parameters are read off the legend: LoRA adds ``r (in + out)`` per
+    adapted matrix, so a target set's count is ``a·r + b`` (``b``: the trained head),
+    shown as that formula; with a single target set each point is labelled too.
 
     Parameters
     ----------
@@ -205,19 +207,21 @@ def plot_rank_tradeoff(results: pd.DataFrame) -> Figure:
             params=("trainable_params", "mean"), n=("test_metric", "size"),
         )  # fmt: skip
         color = plt.cm.tab10(i % 10)
-        ax.plot(stats.index, stats["mean"], "o-", color=color, label=f"LoRA on {targets}")
+        label = f"LoRA on {targets}: {_params_formula(stats.index, stats['params'])}"
+        ax.plot(stats.index, stats["mean"], "o-", color=color, label=label)
         ax.fill_between(stats.index, stats["lo"], stats["hi"], color=color, alpha=0.15, lw=0)
-        for rank, row in stats.iterrows():
-            ax.annotate(
-                _human(row["params"]), (rank, row["mean"]), textcoords="offset points",
-                xytext=(0, 7 + 9 * i), ha="center", fontsize=7, color=color,
-            )  # fmt: skip
+        if lora["targets"].nunique() == 1:
+            for rank, row in stats.iterrows():
+                ax.annotate(
+                    _human(row["params"]), (rank, row["mean"]), textcoords="offset points",
+                    xytext=(0, 7), ha="center", fontsize=7, color=color,
+                )  # fmt: skip
     _reference_lines(ax, ok)
     ax.set_xscale("log", base=2)
     ranks = sorted(lora["rank"].dropna().unique())
     if ranks:
         ax.set_xticks(ranks, [str(int(r)) for r in ranks])
-    ax.set_xlabel("LoRA rank r (log₂ scale; labels: trainable parameters)")
+    ax.set_xlabel("LoRA rank r (log₂ scale)")
     ax.set_ylabel(f"test {metric}")
     seeds = ok["seed"].nunique()
     ax.set_title(
@@ -228,6 +232,17 @@ def plot_rank_tradeoff(results: pd.DataFrame) -> Figure:
     ax.grid(True, alpha=0.2)
     fig.tight_layout()
     return fig
+
+
+def _params_formula(ranks, params) -> str:
+    """``"2,048·r + 7,224 params"`` when the counts are linear in r, else their range."""
+    r, n = np.asarray(ranks, float), np.asarray(params, float)
+    if len(r) >= 2:
+        slope, intercept = np.polyfit(r, n, 1)
+        a, b = round(slope), round(intercept)
+        if a > 0 and b >= 0 and np.array_equal(a * r + b, n):
+            return f"{a:,}·r + {b:,} params" if b else f"{a:,}·r params"
+    return f"{_human(n.min())}–{_human(n.max())} params" if len(n) > 1 else f"{_human(n[0])} params"
 
 
 def pareto_front(params: np.ndarray, quality: np.ndarray) -> np.ndarray:

@@ -262,3 +262,28 @@ def test_ray_executor_writes_the_same_results(tmp_path):
     b = remote.results.set_index("run_id")["test_metric"].sort_index()
     pd.testing.assert_series_equal(a, b)
     assert (tmp_path / "ray" / remote.results["adapter"].iloc[0]).exists()
+
+
+def test_rank_plot_legend_states_the_exact_parameter_count_formula():
+    from rankkit.plots import _params_formula, plot_rank_tradeoff
+
+    # LoRA on q,v of the topics model: r * (128 + 128) per matrix, 8 matrices, plus the head.
+    ranks = [1, 2, 4, 64]
+    assert _params_formula(ranks, [2048 * r + 7224 for r in ranks]) == "2,048·r + 7,224 params"
+    assert _params_formula(ranks, [832 * r for r in ranks]) == "832·r params"
+    # Not linear in r (e.g. a rank_pattern): the range, never a wrong formula.
+    assert _params_formula([1, 2, 4], [10, 30, 50]) == "10–50 params"
+
+    rows = [
+        {"task": "t", "method": m, "rank": r, "targets": t, "seed": 0, "test_metric": q,
+         "trainable_params": p, "status": "ok", "metric": "accuracy"}
+        for m, r, t, q, p in [
+            ("full", None, None, 0.9, 10_000), ("frozen", None, None, 0.5, 100),
+            ("lora", 1, "q", 0.6, 164), ("lora", 4, "q", 0.7, 356),
+            ("lora", 1, "q,v", 0.7, 228), ("lora", 4, "q,v", 0.8, 612),
+        ]
+    ]  # fmt: skip
+    fig = plot_rank_tradeoff(pd.DataFrame(rows))
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "LoRA on q: 64·r + 100 params" in labels
+    assert "LoRA on q,v: 128·r + 100 params" in labels
