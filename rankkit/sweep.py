@@ -782,6 +782,23 @@ def format_summary(results: pd.DataFrame) -> str:
             f"targets {targets}: 90% of the full-FT gain at rank {r90 if r90 else 'not reached'}, "
             f"95% at rank {r95 if r95 else 'not reached'}"
         )
+    if "gain" in table:
+        # Far below the frozen base (by half the full-FT gain or more): training broke down.
+        below = table[(table["method"] == "lora") & (table["gain"] < -0.5)]
+        if len(below):
+            where = ", ".join(f"{t} r={r}" for t, r in zip(below["targets"], below["rank"]))
+            collapsed = results[
+                (results["method"] == "lora")
+                & results["rank"].isin(below["rank"])
+                & results["targets"].isin(below["targets"])
+            ]
+            hint = (
+                "with lora_alpha = r the update per step grows with r; try a fixed --alpha "
+                "(e.g. 8), --rslora or a lower --lr"
+                if (collapsed["alpha"] == collapsed["rank"]).any()
+                else "try a lower --lr"
+            )
+            lines.append(f"warning: LoRA scored far below the frozen base at {where}: {hint}")
     errors = results[results["status"] == "error"]
     if len(errors):
         lines.append(f"{len(errors)} run(s) failed; see the 'error' column of results.csv")

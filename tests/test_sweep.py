@@ -287,3 +287,31 @@ def test_rank_plot_legend_states_the_exact_parameter_count_formula():
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "LoRA on q: 64·r + 100 params" in labels
     assert "LoRA on q,v: 128·r + 100 params" in labels
+
+
+def test_summary_warns_when_lora_collapses_far_below_the_frozen_base():
+    from rankkit.sweep import format_summary
+
+    def frame(alpha_of_rank):
+        rows = [("full", None, 0.9), ("frozen", None, 0.5)]
+        rows += [("lora", 1, 0.8), ("lora", 8, 0.45), ("lora", 64, 0.1)]  # gains 0.75, -0.125, -1
+        return pd.DataFrame(
+            [
+                {"task": "t", "method": m, "rank": r, "alpha": alpha_of_rank(r) if r else None,
+                 "targets": "q,v" if r else None, "seed": 0, "test_metric": q,
+                 "trainable_params": 1, "trainable_fraction": 0.1, "status": "ok",
+                 "metric": "accuracy"}
+                for m, r, q in rows
+            ]
+        )  # fmt: skip
+
+    text = format_summary(frame(lambda r: r))
+    warning = [line for line in text.splitlines() if line.startswith("warning:")]
+    # Only r = 64 collapsed; r = 8 is within noise of the frozen base.
+    assert len(warning) == 1 and "q,v r=64" in warning[0] and "r=8" not in warning[0]
+    assert "fixed --alpha" in warning[0]
+    fixed = format_summary(frame(lambda r: 8))
+    assert "lower --lr" in fixed and "fixed --alpha" not in fixed
+    healthy = frame(lambda r: r)
+    healthy.loc[healthy["rank"] == 64, "test_metric"] = 0.85
+    assert "warning" not in format_summary(healthy)
