@@ -225,13 +225,25 @@ def plot_rank_tradeoff(results: pd.DataFrame) -> Figure:
     ax.set_ylabel(f"test {metric}")
     seeds = ok["seed"].nunique()
     ax.set_title(
-        f"{ok['task'].iloc[0]}: quality vs LoRA rank (mean, min–max over {seeds} seeds)",
+        f"{ok['task'].iloc[0]}: quality vs LoRA rank{_alpha_note(lora)} "
+        f"(mean, min–max over {seeds} seeds)",
         fontsize=10,
     )
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     ax.grid(True, alpha=0.2)
     fig.tight_layout()
     return fig
+
+
+def _alpha_note(lora: pd.DataFrame) -> str:
+    """``", lora_alpha = r"`` or ``", lora_alpha = 8"`` when the sweep used one rule."""
+    if "alpha" not in lora or lora["alpha"].isna().any() or lora.empty:
+        return ""
+    if (lora["alpha"] == lora["rank"]).all():
+        return ", lora_alpha = r"
+    if lora["alpha"].nunique() == 1:
+        return f", lora_alpha = {lora['alpha'].iloc[0]:g}"
+    return ""
 
 
 def _params_formula(ranks, params) -> str:
