@@ -134,10 +134,11 @@ __all__ = [
 ]
 
 #: Largest number of runs trained together when the caller does not say (see
-#: :func:`max_batch_runs`). On a CPU the speed-up levels off after a few runs (the
-#: matrix products are already large enough), while a larger batch loses more work
-#: when a sweep is killed; a GPU keeps gaining up to many more runs.
-DEFAULT_MAX_RUNS = {"cpu": 6, "cuda": 64, "mps": 16}
+#: :func:`max_batch_runs`). On a CPU, batching only applies to small steps, and the
+#: default digits sweep ran 3.07x faster than one run at a time in groups of 6 and
+#: 3.47x as one batch of 18 (benchmarks/README.md); a killed sweep loses at most the
+#: batch in flight, a few seconds of such runs. A GPU keeps gaining up to many more runs.
+DEFAULT_MAX_RUNS = {"cpu": 18, "cuda": 64, "mps": 16}
 #: Fraction of the free memory that a batch may plan to use.
 MEMORY_FRACTION = 0.5
 #: On a CPU, batching pays while a run's training step is small, so that Python and
