@@ -9,7 +9,8 @@ each, and compare the test metric with two references on the same task:
 
 The *gain* of a run is ``(metric - frozen) / (full - frozen)``: 0 means no better than
 the frozen base, 1 means as good as full fine-tuning. :func:`rank_for_gain` reads off
-the smallest rank reaching 90% or 95% of the gain.
+the smallest rank reaching 90% or 95% of the gain, and :func:`rank_for_gain_interval`
+says how much that answer moves when the seeds are resampled (a bootstrap).
 
 Results are crash-safe. Each finished run is appended to ``results.csv`` by rewriting
 the file to a temporary name and renaming it over the old one (an atomic operation),
@@ -38,6 +39,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32)
@@ -767,6 +769,70 @@ def rank_for_gain(results: pd.DataFrame, fraction: float, targets: str | None = 
     return None
 
 
+def rank_for_gain_interval(
+    results: pd.DataFrame,
+    fraction: float,
+    targets: str | None = None,
+    *,
+    level: float = 0.9,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """How sure is :func:`rank_for_gain`? A bootstrap over seeds.
+
+    Each replicate resamples, with replacement, the seeds of every configuration
+    (each LoRA rank, full fine-tuning and the frozen base) independently, recomputes
+    the mean metrics and reads off the smallest rank reaching ``fraction`` of the
+    gain. The interval is the central ``level`` quantiles of that rank over the
+    replicates, with ``math.inf`` for "not reached at any swept rank".
+
+    With three seeds this is a coarse, optimistic picture (the resamples only mix
+    the three values observed), but it shows at a glance when the answer is fragile.
+
+    Returns
+    -------
+    (low, high) or None
+        ``None`` when there is nothing to resample: a missing baseline or LoRA
+        results, or at most one run per configuration.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"rank_for_gain_interval: level must be in (0, 1), got {level!r}.")
+    ok = results[results["status"] == "ok"]
+    lora = ok[ok["method"] == "lora"]
+    if targets is not None:
+        lora = lora[lora["targets"] == targets]
+    full = ok.loc[ok["method"] == "full", "test_metric"].to_numpy(float)
+    frozen = ok.loc[ok["method"] == "frozen", "test_metric"].to_numpy(float)
+    by_rank = {int(r): g["test_metric"].to_numpy(float) for r, g in lora.groupby("rank")}
+    groups = [full, frozen, *by_rank.values()]
+    if not by_rank or min(len(g) for g in groups) < 1 or max(len(g) for g in groups) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+
+    def resampled_means(values: np.ndarray) -> np.ndarray:
+        return values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+
+    full_b, frozen_b = resampled_means(full), resampled_means(frozen)
+    ranks = sorted(by_rank)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gains = np.stack(
+            [(resampled_means(by_rank[r]) - frozen_b) / (full_b - frozen_b) for r in ranks], axis=1
+        )
+    reached = (gains >= fraction) & (full_b > frozen_b)[:, None]
+    first = np.where(
+        reached.any(axis=1), np.asarray(ranks, float)[reached.argmax(axis=1)], math.inf
+    )
+    tail = (1 - level) / 2
+    return (
+        float(np.quantile(first, tail, method="lower")),
+        float(np.quantile(first, 1 - tail, method="higher")),
+    )
+
+
+def _rank_text(rank: float | None) -> str:
+    return "not reached" if rank is None or math.isinf(rank) else str(int(rank))
+
+
 def format_summary(results: pd.DataFrame) -> str:
     table = summarize(results)
     if table.empty:
@@ -775,12 +841,22 @@ def format_summary(results: pd.DataFrame) -> str:
     shown = table.rename(columns={"test_mean": f"test {metric}", "test_std": "± std"})
     text = shown.to_string(index=False, float_format=lambda x: f"{x:.4g}")
     lines = [text]
+    any_interval = False
     for targets in results.loc[results["method"] == "lora", "targets"].dropna().unique():
-        r90 = rank_for_gain(results, 0.9, targets)
-        r95 = rank_for_gain(results, 0.95, targets)
+        parts = []
+        for fraction in (0.9, 0.95):
+            text = f"rank {_rank_text(rank_for_gain(results, fraction, targets))}"
+            interval = rank_for_gain_interval(results, fraction, targets)
+            if interval is not None:
+                any_interval = True
+                low, high = (_rank_text(x) for x in interval)
+                text += f" [{low}, {high}]" if low != high else f" [{low}]"
+            parts.append(text)
+        lines.append(f"targets {targets}: 90% of the full-FT gain at {parts[0]}, 95% at {parts[1]}")
+    if any_interval:
         lines.append(
-            f"targets {targets}: 90% of the full-FT gain at rank {r90 if r90 else 'not reached'}, "
-            f"95% at rank {r95 if r95 else 'not reached'}"
+            "[low, high]: 90% bootstrap interval of that rank, resampling each configuration's "
+            "seeds (rank_for_gain_interval)"
         )
     if "gain" in table:
         # Far below the frozen base (by half the full-FT gain or more): training broke down.

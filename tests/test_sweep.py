@@ -1,6 +1,7 @@
 """Sweeps end to end: the CLI, resume after a real kill, failures recorded, bad configs."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from rankkit.sweep import (
     load_results,
     plan_runs,
     rank_for_gain,
+    rank_for_gain_interval,
     run_one,
     run_sweep,
 )
@@ -315,3 +317,41 @@ def test_summary_warns_when_lora_collapses_far_below_the_frozen_base():
     healthy = frame(lambda r: r)
     healthy.loc[healthy["rank"] == 64, "test_metric"] = 0.85
     assert "warning" not in format_summary(healthy)
+
+
+def _seeded_results(metrics_by_config):
+    rows = []
+    for (method, rank), values in metrics_by_config.items():
+        for seed, value in enumerate(values):
+            rows.append(
+                {"method": method, "rank": rank, "targets": "q" if rank else None,
+                 "seed": seed, "test_metric": value, "status": "ok"}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_rank_for_gain_interval_is_a_point_without_noise_and_widens_with_it():
+    # Identical seeds: every resample is the same, so the interval is the point estimate.
+    exact = _seeded_results(
+        {("frozen", None): [0.5] * 3, ("full", None): [0.9] * 3,
+         ("lora", 1): [0.8] * 3, ("lora", 2): [0.87] * 3, ("lora", 4): [0.89] * 3}
+    )  # fmt: skip
+    assert rank_for_gain(exact, 0.9, "q") == 2
+    assert rank_for_gain_interval(exact, 0.9, "q") == (2.0, 2.0)
+    assert rank_for_gain_interval(exact, 0.99, "q") == (math.inf, math.inf)
+
+    # Rank 2's seeds straddle the 90% line (gains 0.75 and 1.0; mean 0.875 < 0.9), rank 4
+    # is safely above: some resamples pick rank 2, the others rank 4.
+    noisy = _seeded_results(
+        {("frozen", None): [0.5] * 2, ("full", None): [0.9] * 2,
+         ("lora", 1): [0.6] * 2, ("lora", 2): [0.8, 0.9], ("lora", 4): [0.9] * 2}
+    )  # fmt: skip
+    assert rank_for_gain(noisy, 0.9, "q") == 4
+    assert rank_for_gain_interval(noisy, 0.9, "q") == (2.0, 4.0)
+    assert rank_for_gain_interval(noisy, 0.9, "q", seed=1) == (2.0, 4.0)
+
+    # One run per configuration: nothing to resample.
+    single = _seeded_results({("frozen", None): [0.5], ("full", None): [0.9], ("lora", 1): [0.8]})
+    assert rank_for_gain_interval(single, 0.9, "q") is None
+    with pytest.raises(ValueError, match="level must be in"):
+        rank_for_gain_interval(noisy, 0.9, level=1.5)
