@@ -10,6 +10,8 @@ all of its weights? rankkit answers with measurements you can run on a laptop:
   readable training loop shared by every fine-tuning method.
 * :mod:`rankkit.lora` -- LoRA adapters in PEFT's vocabulary and file format.
 * :mod:`rankkit.intrinsic` -- random-subspace training θ = θ₀ + P θ_d.
+* :mod:`rankkit.sweep` and :mod:`rankkit.batched` -- LoRA rank sweeps with baselines,
+  several runs trained at once where that is faster.
 * :mod:`rankkit.plots` -- figures that return matplotlib objects.
 
 Everything public is re-exported here, so ``import rankkit`` is all a notebook
@@ -33,7 +35,7 @@ from rankkit.spectra import (
     subspace_similarity_grid,
 )
 
-# --- tasks / train exports (issue 3) ---
+# Tasks and the training loop
 # isort: split
 from rankkit.tasks import TASKS, Task, get_task, list_tasks
 from rankkit.train import (
@@ -46,7 +48,7 @@ from rankkit.train import (
     set_seed,
 )
 
-# --- lora exports (issue 4) ---
+# LoRA
 # isort: split
 from rankkit.lora import (
     LoraConfig,
@@ -60,7 +62,7 @@ from rankkit.lora import (
     save_adapter,
 )
 
-# --- intrinsic exports (issue 6) ---
+# Intrinsic dimension
 # isort: split
 from rankkit.intrinsic import (
     HyperplaneProblem,
@@ -72,6 +74,16 @@ from rankkit.intrinsic import (
 )
 from rankkit.projections import fwht, make_projection
 
-from rankkit.batched import MultiLinear, MultiLoRALinear, fit_batched  # isort: skip  (issue 9)
+# Sweeps and batched training
+# isort: split
+from rankkit.batched import MultiLinear, MultiLoRALinear, fit_batched
+from rankkit.sweep import (
+    SweepConfig,
+    load_results,
+    rank_for_gain,
+    rank_for_gain_interval,
+    run_sweep,
+    summarize,
+)
 
 __all__ = [name for name in dir() if not name.startswith("_")]
