@@ -24,6 +24,7 @@ from rankkit.checkpoints import load_state_dict, save_state_dict
 from rankkit.spectra import (
     EFFECTIVE_RANK_METHODS,
     amplification_factor,
+    delta_report,
     delta_weights,
     effective_rank,
     gavish_donoho_threshold,

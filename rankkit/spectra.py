@@ -673,40 +673,117 @@ def rank_report(
     >>> report = rankkit.rank_report(base, tuned)
     >>> report[["name", "dW_optimal", "rand_optimal"]]  # doctest: +SKIP
     """
-    thresholds = tuple(thresholds)
     sd_base = load_state_dict(base, name="base")
     sd_ft = load_state_dict(finetuned, name="finetuned")
     deltas = delta_weights(sd_base, sd_ft, layers=layers)
-    eps32 = float(np.finfo(np.float32).eps)
+    return delta_report(
+        deltas,
+        weights={k: sd_ft[k] for k in deltas},
+        seed=seed,
+        thresholds=thresholds,
+        include_weights=include_weights,
+        device=device,
+    )
 
-    # delta_weights has already rejected non-finite values in both checkpoints.
-    s_delta = batched_singular_values(deltas, device=device, check_finite=False)
+
+def _storage_eps(x: Any) -> float:
+    """Machine epsilon of the floating type ``x`` is stored in (float32's otherwise)."""
+    dtype = getattr(x, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return float(torch.finfo(dtype).eps)
+    if isinstance(dtype, np.dtype) and np.issubdtype(dtype, np.floating):
+        return float(np.finfo(dtype).eps)
+    return float(np.finfo(np.float32).eps)
+
+
+def delta_report(
+    deltas: Mapping[str, Any],
+    weights: Mapping[str, Any] | None = None,
+    *,
+    seed: int = 0,
+    thresholds: Iterable[float] = REPORT_ENERGY_THRESHOLDS,
+    include_weights: bool = True,
+    device: str | torch.device | None = "auto",
+) -> pd.DataFrame:
+    """:func:`rank_report` for updates you already have, e.g. a LoRA model's ``s·BA``.
+
+    ``rankkit.delta_report(rankkit.lora_delta_weights(model))`` answers "how low-rank
+    is what this adapter learned?" without merging a copy of the model.
+
+    Parameters
+    ----------
+    deltas : mapping of str to tensor or array
+        ``{name: ΔW}``. Entries with fewer than two dimensions (biases, norm scales)
+        are skipped and listed in ``report.attrs["skipped"]``; ΔW must be finite.
+    weights : mapping of str to tensor or array, optional
+        The weights the updates belong to (the fine-tuned W), same names and shapes:
+        adds ``norm_W``, ``rel_change`` and, with ``include_weights``, the ``W_*``
+        columns. Without it those columns are left out.
+    seed, thresholds, include_weights, device
+        As in :func:`rank_report`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The columns of :func:`rank_report` (see there), one row per matrix.
+    """
+    thresholds = tuple(thresholds)
+    skipped = dict(getattr(deltas, "skipped", {}))
+    matrices = {}
+    for name, dW in deltas.items():
+        if getattr(dW, "ndim", 2) < 2:
+            skipped[name] = f"1-D ({tuple(dW.shape)}): no singular values"
+            continue
+        if weights is not None:
+            if name not in weights:
+                raise KeyError(
+                    f"delta_report: weights has no entry {name!r}; give the weight of every "
+                    "update (same names), or weights=None."
+                )
+            if tuple(weights[name].shape) != tuple(dW.shape):
+                raise ValueError(
+                    f"delta_report: {name}: update shape {tuple(dW.shape)} differs from the "
+                    f"weight's {tuple(weights[name].shape)}."
+                )
+        matrices[name] = dW
+    # Checks each ΔW for finite values (delta_weights has already, for rank_report's).
+    s_delta = batched_singular_values(
+        matrices, device=device, check_finite=not isinstance(deltas, DeltaWeights)
+    )
     s_weight = (
-        batched_singular_values({k: sd_ft[k] for k in deltas}, device=device, check_finite=False)
-        if include_weights
+        batched_singular_values(
+            {k: weights[k] for k in matrices},
+            device=device,
+            check_finite=not isinstance(deltas, DeltaWeights),
+        )
+        if weights is not None and include_weights
         else {}
     )
     baseline_cache: dict[tuple[int, int], dict[str, float]] = {}
 
     rows = []
-    for name, dW in deltas.items():
+    for name, dW in matrices.items():
         shape = (dW.shape[0], math.prod(dW.shape[1:]))
-        W = sd_ft[name]
-        norm_W = float(torch.linalg.vector_norm(W.to(torch.float64)))
         norm_dW = float(math.sqrt((s_delta[name] ** 2).sum()))
         row: dict[str, Any] = {
             "name": name,
-            "shape": "x".join(str(d) for d in W.shape),
+            "shape": "x".join(str(d) for d in dW.shape),
             "rows": shape[0],
             "cols": shape[1],
-            "norm_W": norm_W,
-            "norm_dW": norm_dW,
-            "rel_change": norm_dW / norm_W if norm_W > 0 else float("nan"),
         }
-        eps = float(torch.finfo(W.dtype).eps) if W.is_floating_point() else eps32
+        # The precision the numbers were stored in sets what "numerically zero" means.
+        eps = _storage_eps(weights[name] if weights is not None else dW)
+        if weights is not None:
+            W = torch.as_tensor(weights[name])
+            norm_W = float(torch.linalg.vector_norm(W.to(torch.float64)))
+            row["norm_W"] = norm_W
+            row["norm_dW"] = norm_dW
+            row["rel_change"] = norm_dW / norm_W if norm_W > 0 else float("nan")
+        else:
+            row["norm_dW"] = norm_dW
         for k, v in _all_effective_ranks(s_delta[name], shape, eps, thresholds).items():
             row[f"dW_{k}"] = v
-        if include_weights:
+        if name in s_weight:
             for k, v in _all_effective_ranks(s_weight[name], shape, eps, thresholds).items():
                 row[f"W_{k}"] = v
         if shape not in baseline_cache:
@@ -716,7 +793,7 @@ def rank_report(
                 row[f"rand_{k}"] = v
         rows.append(row)
     report = pd.DataFrame(rows)
-    report.attrs["skipped"] = dict(deltas.skipped)
+    report.attrs["skipped"] = skipped
     return report
 
 

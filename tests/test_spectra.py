@@ -1,5 +1,6 @@
 """Spectral analysis against ground truth: planted ranks, invariants, hand computations."""
 
+import copy
 import math
 
 import numpy as np
@@ -390,3 +391,60 @@ def test_top_singular_subspace_sides():
     assert top_singular_subspace(M, 2, "right").shape == (3, 2)
     with pytest.raises(ValueError, match="side"):
         top_singular_subspace(M, 2, "up")
+
+
+# --------------------------------------------------------------------------- delta_report
+
+
+def _lora_model(r: int = 3):
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("fc1", nn.Linear(40, 64))
+    base.add_module("fc2", nn.Linear(64, 48))
+    model = rankkit.apply_lora(
+        copy.deepcopy(base),
+        rankkit.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["fc1", "fc2"],
+                           init_lora_weights=False),  # random B too: a full-rank-r update
+        seed=1,
+    )  # fmt: skip
+    return base, model
+
+
+def test_delta_report_of_a_lora_update_finds_its_rank_and_matches_rank_report():
+    r = 3
+    base, model = _lora_model(r)
+    deltas = rankkit.lora_delta_weights(model)  # {module name: s·BA}
+    report = rankkit.delta_report(deltas).set_index("name")
+    assert list(report.index) == ["fc1", "fc2"]
+    assert (report["dW_numerical"] == r).all()  # rank(BA) = r exactly
+    assert "norm_W" not in report and not any(c.startswith("W_") for c in report)
+
+    # The same numbers as merging a copy and comparing checkpoints.
+    merged = rankkit.merge_and_unload(copy.deepcopy(model))
+    full = rankkit.rank_report(base, merged).set_index("name")
+    with_weights = rankkit.delta_report(
+        deltas, weights={m: merged.get_submodule(m).weight for m in deltas}
+    ).set_index("name")
+    for module in deltas:
+        a, b = with_weights.loc[module], full.loc[f"{module}.weight"]
+        # Not dW_optimal: Gavish-Donoho estimates the noise level from the median singular
+        # value, and an exact s·BA has none (merged - base carries float32 rounding noise).
+        for column in ("norm_W", "W_stable", "dW_numerical", "rand_stable"):
+            assert a[column] == pytest.approx(b[column], rel=1e-6), column
+        for column in ("norm_dW", "dW_stable", "dW_entropy", "dW_energy90"):
+            assert a[column] == pytest.approx(b[column], rel=1e-3), column
+
+
+def test_delta_report_errors_and_skips():
+    _, model = _lora_model()
+    deltas = rankkit.lora_delta_weights(model)
+    report = rankkit.delta_report({**deltas, "fc1.bias": torch.zeros(64)})
+    assert len(report) == 2 and "fc1.bias" in report.attrs["skipped"]
+    with pytest.raises(KeyError, match="weights has no entry 'fc2'"):
+        rankkit.delta_report(deltas, weights={"fc1": torch.zeros(64, 40)})
+    with pytest.raises(ValueError, match=r"fc1: update shape \(64, 40\) differs"):
+        rankkit.delta_report(deltas, weights={"fc1": torch.zeros(40, 64), "fc2": deltas["fc2"]})
+    bad = {k: v.clone() for k, v in deltas.items()}
+    bad["fc2"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="fc2"):
+        rankkit.delta_report(bad)
