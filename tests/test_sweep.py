@@ -99,8 +99,10 @@ def test_tiny_sweep_through_the_cli(tmp_path):
 @pytest.mark.slow
 def test_resume_after_a_killed_sweep_runs_exactly_the_missing_runs(tmp_path):
     out = tmp_path / "killed"
+    # One run at a time, so that runs land one by one and the kill falls between them (a
+    # batch of all 8 would land at once).
     args = ["sweep", "--ranks", "1,2,4,8", "--seeds", "0,1", "--epochs", "3", "--lr", "0.01", "--no-baselines",
-            "--out", str(out), "--quiet"]  # fmt: skip
+            "--no-batch", "--out", str(out), "--quiet"]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "rankkit", *args],
         stdout=subprocess.DEVNULL,
