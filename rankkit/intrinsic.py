@@ -91,6 +91,7 @@ from rankkit.projections import (
     check_dimensions,
     make_projection,
 )
+from rankkit.train import _within
 
 __all__ = [
     "MODES",
@@ -210,13 +211,13 @@ class SubspaceModel(nn.Module):
         if not named:
             raise ValueError("model has no parameters to train in a subspace.")
         for pattern in exclude:
-            if not any(_matches(name, pattern) for name, _ in named):
+            if not any(_within(name, pattern) for name, _ in named):
                 some = ", ".join(name for name, _ in named[:6])
                 raise ValueError(
                     f"exclude={pattern!r} matches no parameter of the model; "
                     f"parameter names look like: {some}, ..."
                 )
-        taking_part = [(n, p) for n, p in named if not any(_matches(n, e) for e in exclude)]
+        taking_part = [(n, p) for n, p in named if not any(_within(n, e) for e in exclude)]
         if not taking_part:
             raise ValueError(f"exclude={exclude!r} leaves no parameter to train.")
 
@@ -295,10 +296,6 @@ class SubspaceModel(nn.Module):
             f"d={self.d}, D={self.D:,}, projection={self.projection.name!r}, mode={self.mode!r}, "
             f"tensors={len(self.names)}"
         )
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.startswith(pattern + ".")
 
 
 # --------------------------------------------------------------------------- problems
@@ -493,8 +490,8 @@ class TaskProblem:
     train_head : bool
         Keep the head out of the subspace and train it directly, at the task's
         ``head_lr`` (else its ``lr``), the way LoRA trains a new head
-        (``modules_to_save``). ``d``
-        then counts only the body's dimensions; the head's parameters come on top.
+        (``modules_to_save``). ``d`` then counts only the body's dimensions; the
+        head's parameters come on top.
         This separates "learn a classifier" from "adapt the body": with a random
         head inside the subspace, a random direction spends only
         ``head size / D`` of its length on the head.
@@ -578,7 +575,7 @@ class TaskProblem:
     def _taking_part(self) -> list[Tensor]:
         model = self.build_model(0)
         return [
-            p for n, p in model.named_parameters() if not any(_matches(n, e) for e in self.exclude)
+            p for n, p in model.named_parameters() if not any(_within(n, e) for e in self.exclude)
         ]
 
     def num_params(self) -> int:
@@ -608,7 +605,7 @@ class TaskProblem:
         model = self.build_model(seed)
         frozen = () if self.train_head else self.exclude  # a directly trained head trains here too
         for n, p in model.named_parameters():
-            p.requires_grad_(not any(_matches(n, e) for e in frozen))
+            p.requires_grad_(not any(_within(n, e) for e in frozen))
         return self._fit(model, seed, self.epochs, self.lr)
 
     def train_subspace(
@@ -632,7 +629,7 @@ class TaskProblem:
         head_lrs = None
         if self.train_head:
             for n, p in sub.base.named_parameters():
-                p.requires_grad_(any(_matches(n, e) for e in self.exclude))
+                p.requires_grad_(any(_within(n, e) for e in self.exclude))
             head_lrs = {f"base.{e}": self.head_lr for e in self.exclude}
         return self._fit(sub, seed, self.subspace_epochs, self.lr_at(d), head_lrs)
 

@@ -250,6 +250,11 @@ def _peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
 
 
+def _within(name: str, prefix: str) -> bool:
+    """True for the parameter named ``prefix`` itself and for every name under module ``prefix``."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def _param_groups(
     named: list[tuple[str, torch.Tensor]],
     lr: float,
@@ -263,7 +268,7 @@ def _param_groups(
             raise ValueError(
                 f"fit: lr_overrides[{key!r}] must be a positive number, got {value!r}."
             )
-        if not any(n == key or n.startswith(key + ".") for n, _ in named):
+        if not any(_within(n, key) for n, _ in named):
             names = ", ".join(n for n, _ in named[:6])
             raise ValueError(
                 f"fit: lr_overrides key {key!r} matches no trainable parameter; trainable "
@@ -271,7 +276,7 @@ def _param_groups(
             )
 
     def rate(name: str) -> float:
-        keys = [k for k in overrides if name == k or name.startswith(k + ".")]
+        keys = [k for k in overrides if _within(name, k)]
         return overrides[max(keys, key=len)] if keys else lr
 
     groups: dict[tuple[float, bool], list[torch.Tensor]] = {}
