@@ -746,15 +746,12 @@ def delta_report(
                     f"weight's {tuple(weights[name].shape)}."
                 )
         matrices[name] = dW
-    # Checks each ΔW for finite values (delta_weights has already, for rank_report's).
-    s_delta = batched_singular_values(
-        matrices, device=device, check_finite=not isinstance(deltas, DeltaWeights)
-    )
+    # delta_weights has already rejected non-finite values (rank_report's path).
+    check = not isinstance(deltas, DeltaWeights)
+    s_delta = batched_singular_values(matrices, device=device, check_finite=check)
     s_weight = (
         batched_singular_values(
-            {k: weights[k] for k in matrices},
-            device=device,
-            check_finite=not isinstance(deltas, DeltaWeights),
+            {k: weights[k] for k in matrices}, device=device, check_finite=check
         )
         if weights is not None and include_weights
         else {}
