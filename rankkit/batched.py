@@ -110,19 +110,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+from rankkit.devices import autocast_for, peak_memory_mb, resolve_device, to_device
 from rankkit.lora import LoraConfig, LoRALinear, apply_lora
-from rankkit.train import (
-    TrainResult,
-    _hparams,
-    _lr_factor,
-    _peak_memory_mb,
-    _progress_bar,
-    _to_device,
-    autocast_for,
-    count_parameters,
-    resolve_device,
-    set_seed,
-)
+from rankkit.train import TrainResult, _hparams, _lr_factor, _progress_bar, set_seed
+from rankkit.utils import count_parameters, set_submodule
 
 __all__ = [
     "BatchedRun",
@@ -599,7 +590,7 @@ def fit_batched(
             loss_sum = torch.zeros(K, dtype=sum_dtype, device=dev)
             n_batches = 0
             for index in orders.epoch():
-                inputs, targets = _to_device(_gather(train, index), dev)
+                inputs, targets = to_device(_gather(train, index), dev)
                 with autocast():
                     with rng_mode or contextlib.nullcontext():
                         outputs = model(inputs)
@@ -658,7 +649,7 @@ def fit_batched(
     for run in runs:  # give each returned model its own copy of the frozen base
         _unshare_frozen(run)
     wall = time.perf_counter() - start
-    peak = _peak_memory_mb(dev)
+    peak = peak_memory_mb(dev)
     return [
         BatchedRun(
             run,
@@ -666,7 +657,7 @@ def fit_batched(
                 metrics=metrics,
                 history=history,
                 trainable_params=sum(p.numel() for p in run.parameters() if p.requires_grad),
-                total_params=count_parameters(run),
+                total_params=count_parameters(run).total,
                 wall_time_s=wall / K,
                 peak_memory_mb=peak,
                 device=str(dev),
@@ -909,7 +900,7 @@ def _stack_adapters(
                 if m is not None:
                     multi.lora_A[k, : m.r].copy_(m.lora_A)
                     multi.lora_B[k, :, : m.r].copy_(m.lora_B)
-        _set_submodule(model, name, multi)
+        set_submodule(model, name, multi)
         layers[name] = multi
     heads: dict[str, MultiLinear] = {}
     for name in runs[0].rankkit_lora_config.modules_to_save or []:
@@ -921,15 +912,10 @@ def _stack_adapters(
                 "training stacks nn.Linear heads only."
             )
         heads[name] = MultiLinear(per_run)
-        _set_submodule(model, name, heads[name])
+        set_submodule(model, name, heads[name])
     if not layers:
         raise ValueError("fit_batched: no run adapts any layer.")
     return layers, heads
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 def _share_frozen(run: nn.Module, base: nn.Module, check: bool = True) -> None:

@@ -69,7 +69,6 @@ Effectiveness of Language Model Fine-Tuning, arXiv:2012.13255.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import math
 import time
@@ -91,7 +90,7 @@ from rankkit.projections import (
     check_dimensions,
     make_projection,
 )
-from rankkit.train import _within
+from rankkit.utils import check_choice, within
 
 __all__ = [
     "MODES",
@@ -118,15 +117,6 @@ fine-tuning; ``docs/intrinsic.md``). topics: from a short check at d = 1000 (0.0
 1); over wide ranges of d use it with ``TaskProblem(lr_ref_d=1000)``. Other tasks
 default to 0.3.
 """
-
-
-def _check_choice(kind: str, value: str, options: Sequence[str]) -> str:
-    key = str(value).lower()
-    if key in options:
-        return key
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.4)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ValueError(f"unknown {kind} {value!r}; {hint}choose one of {', '.join(options)}.")
 
 
 # --------------------------------------------------------------------------- the wrapper
@@ -203,21 +193,21 @@ class SubspaceModel(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        projection = _check_choice("projection", projection, PROJECTIONS)
-        self.mode = _check_choice("mode", mode, MODES)
+        projection = check_choice("projection", projection, PROJECTIONS)
+        self.mode = check_choice("mode", mode, MODES)
         exclude = [exclude] if isinstance(exclude, str) else list(exclude)
 
         named = list(model.named_parameters())
         if not named:
             raise ValueError("model has no parameters to train in a subspace.")
         for pattern in exclude:
-            if not any(_within(name, pattern) for name, _ in named):
+            if not any(within(name, pattern) for name, _ in named):
                 some = ", ".join(name for name, _ in named[:6])
                 raise ValueError(
                     f"exclude={pattern!r} matches no parameter of the model; "
                     f"parameter names look like: {some}, ..."
                 )
-        taking_part = [(n, p) for n, p in named if not any(_within(n, e) for e in exclude)]
+        taking_part = [(n, p) for n, p in named if not any(within(n, e) for e in exclude)]
         if not taking_part:
             raise ValueError(f"exclude={exclude!r} leaves no parameter to train.")
 
@@ -575,7 +565,7 @@ class TaskProblem:
     def _taking_part(self) -> list[Tensor]:
         model = self.build_model(0)
         return [
-            p for n, p in model.named_parameters() if not any(_within(n, e) for e in self.exclude)
+            p for n, p in model.named_parameters() if not any(within(n, e) for e in self.exclude)
         ]
 
     def num_params(self) -> int:
@@ -605,7 +595,7 @@ class TaskProblem:
         model = self.build_model(seed)
         frozen = () if self.train_head else self.exclude  # a directly trained head trains here too
         for n, p in model.named_parameters():
-            p.requires_grad_(not any(_within(n, e) for e in frozen))
+            p.requires_grad_(not any(within(n, e) for e in frozen))
         return self._fit(model, seed, self.epochs, self.lr)
 
     def train_subspace(
@@ -629,7 +619,7 @@ class TaskProblem:
         head_lrs = None
         if self.train_head:
             for n, p in sub.base.named_parameters():
-                p.requires_grad_(any(_within(n, e) for e in self.exclude))
+                p.requires_grad_(any(within(n, e) for e in self.exclude))
             head_lrs = {f"base.{e}": self.head_lr for e in self.exclude}
         return self._fit(sub, seed, self.subspace_epochs, self.lr_at(d), head_lrs)
 
@@ -945,8 +935,8 @@ def estimate_intrinsic_dimension(
     >>> r.d90
     10
     """
-    projection = _check_choice("projection", projection, PROJECTIONS)
-    mode = _check_choice("mode", mode, MODES)
+    projection = check_choice("projection", projection, PROJECTIONS)
+    mode = check_choice("mode", mode, MODES)
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction} (0.9 gives d90).")
     if isinstance(problem, str) and problem.lower() in ("toy", "hyperplane"):

@@ -63,7 +63,6 @@ Example
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -78,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rankkit.checkpoints import CheckpointError, load_state_dict, save_state_dict
+from rankkit.utils import ParameterCount, count_parameters, did_you_mean, set_submodule
 
 __all__ = [
     "LoRALinear",
@@ -508,7 +508,7 @@ def apply_lora(
                 use_rslora=config.use_rslora,
                 init_lora_weights=config.init_lora_weights,
             )
-            _set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
     for name in saved:
         model.get_submodule(name).requires_grad_(True)
     model.rankkit_lora_config = dataclasses.replace(
@@ -527,7 +527,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in _lora_layers(model).items():
         if not layer.merged:
             layer.merge()
-        _set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.base_layer)
     if hasattr(model, "rankkit_lora_config"):
         del model.rankkit_lora_config
     return model
@@ -546,24 +546,6 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name in _saved_modules(model):
         keep.update(f"{name}.{key}" for key in model.get_submodule(name).state_dict())
     return {key: value for key, value in state.items() if key in keep}
-
-
-class ParameterCount(NamedTuple):
-    """Trainable and total parameter counts (shared parameters counted once)."""
-
-    trainable: int
-    total: int
-    fraction: float
-
-
-def count_parameters(model: nn.Module) -> ParameterCount:
-    """``(trainable, total, trainable / total)`` for ``model``."""
-    total = trainable = 0
-    for param in model.parameters():
-        total += param.numel()
-        if param.requires_grad:
-            trainable += param.numel()
-    return ParameterCount(trainable, total, trainable / total if total else 0.0)
 
 
 def lora_delta_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -837,11 +819,8 @@ def _resolve(model: nn.Module, config: LoraConfig, roles: Any) -> tuple[list[str
             return names
         names = [name for name in modules if _matches(name, entry)]
         if not names:
-            close = difflib.get_close_matches(entry, {n.rsplit(".", 1)[-1] for n in modules}, n=1)
-            did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(
-                f"apply_lora: {what} entry {entry!r} matches no module.{did_you_mean} {hint}"
-            )
+            close = did_you_mean(entry, {n.rsplit(".", 1)[-1] for n in modules})
+            raise ValueError(f"apply_lora: {what} entry {entry!r}{close} matches no module. {hint}")
         return names
 
     saved: list[str] = []
@@ -900,11 +879,6 @@ def _candidates_hint(linear: list[str]) -> str:
     return f"nn.Linear modules in this model: {shown or 'none'}; their last name parts: {suffixes}."
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
-
-
 def _check_rank(
     r: Any, in_features: int | None = None, out_features: int | None = None, *, where: str
 ) -> None:
@@ -953,6 +927,6 @@ def _unknown_keys_message(unknown: Mapping[str, Any], owner: str) -> str:
     parts = []
     for key in unknown:
         # "rank" is the commonest slip and too short for difflib to pair with "r".
-        close = ["r"] if key == "rank" else difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        close = " (did you mean 'r'?)" if key == "rank" else did_you_mean(key, valid, cutoff=0.5)
+        parts.append(f"{key!r}{close}")
     return f"{owner} got unknown keyword(s) {', '.join(parts)}. Valid keys: {', '.join(valid)}."

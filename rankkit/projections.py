@@ -61,12 +61,13 @@ Li, Hastie & Church (2006), Very Sparse Random Projections, KDD.
 
 from __future__ import annotations
 
-import difflib
 import math
 import warnings
 
 import torch
 from torch import Tensor, nn
+
+from rankkit.utils import check_choice
 
 __all__ = [
     "DEFAULT_MAX_DENSE_BYTES",
@@ -541,6 +542,5 @@ def make_projection(
         return SparseProjection(D, d, seed=seed)
     if key == "fastfood":
         return FastfoodProjection(D, d, seed=seed)
-    close = difflib.get_close_matches(key, PROJECTIONS, n=1, cutoff=0.4)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ValueError(f"unknown projection {name!r}; {hint}choose one of {', '.join(PROJECTIONS)}.")
+    check_choice("projection", name, PROJECTIONS)  # raises: not one of them
+    raise AssertionError(f"make_projection: {key!r} is in PROJECTIONS but has no class here.")

@@ -28,7 +28,6 @@ objectives used to build their base weights.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import random
@@ -42,6 +41,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+from rankkit.devices import autocast_for, peak_memory_mb, resolve_device, to_device
+from rankkit.utils import count_parameters, did_you_mean, within
 
 #: Used when neither the caller nor the task's ``default_hparams`` set a value.
 DEFAULTS: dict[str, Any] = {
@@ -113,40 +115,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA if available, else Apple MPS, else CPU; other names are checked.
-
-    Raises
-    ------
-    ValueError
-        If the requested device is not available on this machine.
-    """
-    if isinstance(device, torch.device):
-        device = str(device)
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(
-            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'."
-        ) from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available; use 'auto' or 'cpu'.")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("device 'mps' requested but MPS is not available; use 'auto' or 'cpu'.")
-    return dev
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of (trainable) scalar parameters of ``model``."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def freeze_all_but(model: nn.Module, names: Iterable[str]) -> nn.Module:
     """Make only the parameters of the named modules (or parameters) trainable.
 
@@ -167,13 +135,10 @@ def freeze_all_but(model: nn.Module, names: Iterable[str]) -> nn.Module:
     params = dict(model.named_parameters())
     unknown = [n for n in names if n not in modules and n not in params]
     if unknown:
-        import difflib
-
-        hints = [difflib.get_close_matches(n, list(modules) + list(params), n=1) for n in unknown]
-        hint = "; ".join(f"{n!r} (did you mean {h[0]!r}?)" for n, h in zip(unknown, hints) if h)
+        hint = "; ".join(f"{n!r}{did_you_mean(n, [*modules, *params])}" for n in unknown)
         raise ValueError(
-            f"freeze_all_but: no module or parameter named {unknown}. {hint}".strip()
-            + " See dict(model.named_modules()) for the valid names."
+            f"freeze_all_but: no module or parameter named {hint}. "
+            "See dict(model.named_modules()) for the valid names."
         )
     for p in model.parameters():
         p.requires_grad_(False)
@@ -220,41 +185,6 @@ def _lr_factor(step: int, total: int, warmup_steps: int, schedule: str) -> float
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA devices that support it, a no-op context elsewhere."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    if device.type == "mps":
-        return torch.mps.driver_allocated_memory() / 2**20
-    try:
-        import resource
-    except ImportError:  # Windows
-        return float("nan")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes vs KiB
-
-
-def _within(name: str, prefix: str) -> bool:
-    """True for the parameter named ``prefix`` itself and for every name under module ``prefix``."""
-    return name == prefix or name.startswith(prefix + ".")
-
-
 def _param_groups(
     named: list[tuple[str, torch.Tensor]],
     lr: float,
@@ -268,7 +198,7 @@ def _param_groups(
             raise ValueError(
                 f"fit: lr_overrides[{key!r}] must be a positive number, got {value!r}."
             )
-        if not any(_within(n, key) for n, _ in named):
+        if not any(within(n, key) for n, _ in named):
             names = ", ".join(n for n, _ in named[:6])
             raise ValueError(
                 f"fit: lr_overrides key {key!r} matches no trainable parameter; trainable "
@@ -276,7 +206,7 @@ def _param_groups(
             )
 
     def rate(name: str) -> float:
-        keys = [k for k in overrides if _within(name, k)]
+        keys = [k for k in overrides if within(name, k)]
         return overrides[max(keys, key=len)] if keys else lr
 
     groups: dict[tuple[float, bool], list[torch.Tensor]] = {}
@@ -416,7 +346,7 @@ def fit(
             model.train()
             loss_sum, n_batches = 0.0, 0
             for batch in loader:
-                batch = _to_device(batch, dev)
+                batch = to_device(batch, dev)
                 with autocast():
                     loss = task.loss(model, batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -464,9 +394,9 @@ def fit(
         metrics=metrics,
         history=history,
         trainable_params=sum(p.numel() for p in params),
-        total_params=count_parameters(model),
+        total_params=count_parameters(model).total,
         wall_time_s=time.perf_counter() - start,
-        peak_memory_mb=_peak_memory_mb(dev),
+        peak_memory_mb=peak_memory_mb(dev),
         device=str(dev),
         best_epoch=best_epoch,
         hparams={

@@ -246,7 +246,9 @@ def test_said_needs_more_than_one_dimension_per_tensor():
     SubspaceModel(tiny(), D + m, mode="said")  # every parameter direction plus the m scales
     with pytest.raises(ValueError, match=f"d={D + m + 1} exceeds.*D={D}.*m={m}.*d <= {D + m}"):
         SubspaceModel(tiny(), D + m + 1, mode="said")
-    with pytest.raises(ValueError, match="unknown mode 'sad'; did you mean 'said'"):
+    with pytest.raises(
+        ValueError, match=r"unknown mode 'sad' \(did you mean 'said'\?\); choose one of did, said"
+    ):
         SubspaceModel(tiny(), 20, mode="sad")
 
 

@@ -64,7 +64,7 @@ def test_unknown_task_lists_known_names_and_closest_match():
     assert "unknown task 'digit'" in message
     for name in TASKS:
         assert name in message
-    assert "Did you mean 'digits'?" in message
+    assert "(did you mean 'digits'?)" in message
 
 
 def test_cli_unknown_task_is_a_clear_error_not_a_traceback(capsys):

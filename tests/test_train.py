@@ -74,7 +74,11 @@ def test_a_training_step_changes_exactly_the_trainable_parameters():
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"fc2.bias", "head.weight", "head.bias"}
     assert result.trainable_params == 256 + 256 * 10 + 10
-    assert result.total_params == count_parameters(model) == 64 * 256 + 256 + 256 * 256 + 256 + 2570
+    assert (
+        result.total_params
+        == count_parameters(model).total
+        == 64 * 256 + 256 + 256 * 256 + 256 + 2570
+    )
 
 
 def test_full_fine_tuning_changes_every_parameter():

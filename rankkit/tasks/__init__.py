@@ -25,7 +25,6 @@ here ships one, small enough for a laptop CPU:
 
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any
 
@@ -42,6 +41,7 @@ from rankkit.tasks.base import (
 from rankkit.tasks.digits import DigitsTask
 from rankkit.tasks.minilm import MiniLMTask
 from rankkit.tasks.topics import TopicsTask
+from rankkit.utils import check_choice
 
 #: Registry: task name -> Task subclass. ``get_task`` instantiates it.
 TASKS: dict[str, type[Task]] = {
@@ -74,11 +74,7 @@ def get_task(name: str | Task = DEFAULT_TASK, **options: Any) -> Task:
     """
     if isinstance(name, Task):
         return name
-    if name not in TASKS:
-        close = difflib.get_close_matches(str(name), TASKS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}.{hint}")
-    return TASKS[name](**options)
+    return TASKS[check_choice("task", name, TASKS)](**options)
 
 
 def task_table() -> list[dict[str, Any]]:
