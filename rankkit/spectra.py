@@ -65,6 +65,7 @@ import pandas as pd
 import torch
 
 from rankkit.checkpoints import StateSource, load_state_dict
+from rankkit.devices import resolve_device
 
 EFFECTIVE_RANK_METHODS = ("entropy", "stable", "participation", "energy", "numerical", "optimal")
 
@@ -598,12 +599,6 @@ def delta_weights(
 # --------------------------------------------------------------------------- rank report
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def batched_singular_values(
     matrices: Mapping[str, torch.Tensor],
     device: str | torch.device | None = "auto",
@@ -614,7 +609,7 @@ def batched_singular_values(
     Layers of a model repeat the same few shapes, so stacking them amortises the
     per-call overhead (and fills a GPU). Returns ``{name: descending float64 array}``.
     """
-    device = _resolve_device(device)
+    device = resolve_device(device)
     by_shape: dict[tuple[int, int], list[str]] = {}
     mats = {}
     for name, M in matrices.items():
