@@ -102,8 +102,10 @@ def _register_sweep(subparsers) -> None:
     )
     p.add_argument("--config", metavar="TOML", help="sweep config file (same keys as the flags)")
     p.add_argument("--task", help="task name (python -m rankkit tasks); default digits")
-    p.add_argument("--ranks", help="comma-separated LoRA ranks; default 1,2,4,8,16,32")
-    p.add_argument("--seeds", help="comma-separated seeds; default 0,1,2")
+    p.add_argument(
+        "--ranks", nargs="+", metavar="R", help="LoRA ranks: 1,2,4 or 1 2 4 (default 1,2,4,8,16,32)"
+    )
+    p.add_argument("--seeds", nargs="+", metavar="S", help="seeds: 0,1,2 or 0 1 2 (default 0,1,2)")
     p.add_argument(
         "--targets", nargs="+", metavar="SET",
         help="target sets to compare, each comma-separated roles ('q,v') or 'all-linear'",
@@ -130,7 +132,7 @@ def _register_sweep(subparsers) -> None:
 
 
 def _cmd_sweep(args) -> int:
-    from rankkit.sweep import SweepConfig, format_summary, run_sweep
+    from rankkit.sweep import SweepConfig, SweepInterrupted, format_summary, run_sweep
 
     values = SweepConfig.from_toml(args.config).__dict__ if args.config else {}
     flags = {
@@ -143,7 +145,14 @@ def _cmd_sweep(args) -> int:
     }  # fmt: skip
     values.update({k: v for k, v in flags.items() if v is not None})
     config = SweepConfig.from_dict(values, source="sweep options")
-    result = run_sweep(config, force=args.force, progress=not args.quiet)
+    try:
+        result = run_sweep(config, force=args.force, progress=not args.quiet)
+    except KeyboardInterrupt as err:  # Ctrl-C: one line on what was saved, no traceback
+        saved = str(err) if isinstance(err, SweepInterrupted) else ""
+        print(saved or "\ninterrupted before training started; nothing to resume", file=sys.stderr)
+        return 130
+    except ImportError as err:  # a task's optional dependency (the message names the extra)
+        raise SystemExit(f"error: {err}") from None
     print()
     print(format_summary(result.results))
     print()
@@ -181,16 +190,6 @@ def _cmd_plot(args) -> int:
 # --------------------------------------------------------------------------- intrinsic-dim
 
 
-def _int_list(tokens: list[str] | None) -> list[int] | None:
-    """``["1,2", "5"]`` -> ``[1, 2, 5]``: accept spaces and commas alike."""
-    if tokens is None:
-        return None
-    try:
-        return [int(t) for tok in tokens for t in tok.split(",") if t.strip()]
-    except ValueError as err:
-        raise ValueError(f"expected integers, got {' '.join(tokens)!r} ({err}).") from None
-
-
 def _register_intrinsic_dim(subparsers) -> None:
     p = _add_command(
         subparsers,
@@ -215,8 +214,12 @@ def _register_intrinsic_dim(subparsers) -> None:
         help="θ₀ = random init, baseline = training from scratch (default: pretrained base, "
         "baseline = full fine-tuning)",
     )
-    p.add_argument("--dims", nargs="+", metavar="D", help="coarse grid of d (default 1,2,5,10,...)")
-    p.add_argument("--seeds", nargs="+", metavar="S", help="seeds per d (default 0 1 2)")
+    p.add_argument(
+        "--dims", nargs="+", metavar="D", help="grid of d: 10,100 or 10 100 (default 1,2,5,...)"
+    )
+    p.add_argument(
+        "--seeds", nargs="+", metavar="S", help="seeds per d: 0,1,2 or 0 1 2 (default 0,1,2)"
+    )
     p.add_argument("--fraction", type=float, default=0.9, help="fraction of baseline (0.9)")
     p.add_argument(
         "--baseline", type=float, help="a fixed 'global' baseline instead of measuring one"
@@ -262,13 +265,15 @@ def _cmd_intrinsic_dim(args) -> int:
             lr_ref_d=args.lr_ref_d,
             device=args.device,
         )
-    seeds = _int_list(args.seeds) or [0, 1, 2]
+    from rankkit.sweep import parse_int_list
+
+    seeds = parse_int_list(args.seeds, "--seeds", minimum=0) if args.seeds else [0, 1, 2]
     result = estimate_intrinsic_dimension(
         problem,
         projection=args.projection,
         mode=args.mode,
         fraction=args.fraction,
-        dims=_int_list(args.dims),
+        dims=parse_int_list(args.dims, "--dims") if args.dims else None,
         seeds=seeds,
         baseline=args.baseline,
         rtol=args.rtol,

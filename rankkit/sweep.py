@@ -32,8 +32,10 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -166,8 +168,8 @@ class SweepConfig:
         from rankkit.tasks import get_task  # raises with the known task names
 
         get_task(self.task)
-        self.ranks = _int_list(self.ranks, "ranks")
-        self.seeds = _int_list(self.seeds, "seeds", allow_zero=True)
+        self.ranks = parse_int_list(self.ranks, "ranks")
+        self.seeds = parse_int_list(self.seeds, "seeds", minimum=0)
         if not self.ranks:
             raise ValueError("ranks is empty: give at least one LoRA rank, e.g. --ranks 1,2,4,8.")
         if not self.seeds:
@@ -204,21 +206,35 @@ class SweepConfig:
         return Path(self.out) if self.out else Path("runs") / f"{self.task}-sweep"
 
 
-def _int_list(values: Any, name: str, allow_zero: bool = False) -> list[int]:
-    if isinstance(values, str):
-        values = [v for v in re.split(r"[,\s]+", values.strip()) if v]
-    if isinstance(values, int):
+def parse_int_list(values: Any, name: str, *, minimum: int = 1) -> list[int]:
+    """A list option as sorted, distinct integers: the one parser of every list option.
+
+    Accepts what a user may type or a config file may hold, alike: ``"1,2,4"``,
+    ``"1 2 4"``, ``["1,2", "4"]`` (argparse tokens of ``--ranks 1,2 4``), ``[1, 2, 4]``
+    or a single ``4``. ``name`` and ``minimum`` make the error message.
+
+    Raises
+    ------
+    ValueError
+        Naming the option and the offending item if one is not an integer >= ``minimum``.
+    """
+    if isinstance(values, (str, int)):
         values = [values]
     out = []
-    for v in values:
-        try:
-            iv = int(v)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{name}: {v!r} is not an integer.") from err
-        if iv != float(v) or iv < (0 if allow_zero else 1):
-            kind = "non-negative" if allow_zero else "positive"
-            raise ValueError(f"{name}: {v!r} is not a {kind} integer.")
-        out.append(iv)
+    for item in values:
+        pieces = re.split(r"[,\s]+", item.strip()) if isinstance(item, str) else [item]
+        for v in (p for p in pieces if p != ""):
+            try:
+                iv = int(v)
+                exact = iv == float(v)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{name}: {v!r} is not an integer.") from err
+            if not exact or iv < minimum:
+                kind = {0: "a non-negative integer", 1: "a positive integer"}
+                raise ValueError(
+                    f"{name}: {v!r} is not {kind.get(minimum, f'an integer >= {minimum}')}."
+                )
+            out.append(iv)
     return sorted(dict.fromkeys(out))
 
 
@@ -432,35 +448,57 @@ def _worker_init(threads: int) -> None:
 
 # --------------------------------------------------------------------------- results store
 
+# Integer columns that may be missing in some rows (baselines have no rank, error rows no
+# parameter counts); written as integers (1, not 1.0) with empty cells for missing values.
+_INTEGER_COLUMNS = ("rank", "seed", "trainable_params", "total_params")
+
 
 class ResultsStore:
-    """``results.csv`` in a run directory, written atomically after every run."""
+    """``results.csv`` of a sweep directory, shared by every process working on the sweep.
+
+    :meth:`record` merges under the directory lock: it re-reads the file, adds its row
+    and writes a temporary file that atomically replaces the old one. So processes
+    writing at the same time never lose each other's rows, a reader always sees a
+    whole file, and a finished (``ok``) row is never replaced by an ``error`` row.
+    """
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
         self.path = self.directory / "results.csv"
         self.rows: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
-            try:
-                frame = pd.read_csv(self.path, dtype={"targets": str, "error": str, "adapter": str})
-            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-                raise ValueError(
-                    f"{self.path} is not a readable results table ({err}). Move it away "
-                    "or choose another --out directory."
-                ) from err
-            if "run_id" not in frame:
-                raise ValueError(
-                    f"{self.path} has no run_id column; it was not written by rankkit."
-                )
-            for row in frame.to_dict("records"):
-                self.rows[row["run_id"]] = {k: _clean(v) for k, v in row.items()}
+        self.reload()
+
+    def reload(self) -> ResultsStore:
+        """Re-read the file (other processes may have added rows); return self."""
+        self.rows = {}
+        if not self.path.exists():
+            return self
+        try:
+            frame = pd.read_csv(self.path, dtype={"targets": str, "error": str, "adapter": str})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise ValueError(
+                f"{self.path} is not a readable results table ({err}). Move it away "
+                "or choose another --out directory."
+            ) from err
+        if "run_id" not in frame:
+            raise ValueError(f"{self.path} has no run_id column; it was not written by rankkit.")
+        for row in frame.to_dict("records"):
+            self.rows[row["run_id"]] = {k: _clean(v) for k, v in row.items()}
+        return self
 
     def finished(self) -> set[str]:
         return {k for k, row in self.rows.items() if row.get("status") == "ok"}
 
     def record(self, row: Mapping[str, Any]) -> None:
-        self.rows[row["run_id"]] = {k: v for k, v in row.items() if k != "traceback"}
-        self._write()
+        """Merge one run's row into the file, under the directory lock."""
+        row = {k: v for k, v in row.items() if k != "traceback"}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with _DirectoryLock(self.directory):
+            self.reload()
+            old = self.rows.get(row["run_id"])
+            if old is None or old.get("status") != "ok" or row.get("status") == "ok":
+                self.rows[row["run_id"]] = row
+            self._write()
 
     def frame(self) -> pd.DataFrame:
         frame = pd.DataFrame(list(self.rows.values()))
@@ -470,17 +508,156 @@ class ResultsStore:
         return frame[columns] if len(frame) else pd.DataFrame(columns=RESULT_COLUMNS)
 
     def _write(self) -> None:
+        frame = self.frame()
+        for column in _INTEGER_COLUMNS:
+            if column in frame:
+                frame[column] = pd.to_numeric(frame[column]).astype("Int64")
+        _write_atomically(self.path, lambda fh: frame.to_csv(fh, index=False))
+
+
+def _write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write a text file through a temporary file that replaces ``path`` atomically.
+
+    Readers see the old or the new file, never half of one. The file is made
+    readable by everyone (mode 0644), like the figures next to it.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------- locks and claims
+
+
+def _lock(fh, blocking: bool) -> bool:
+    """Lock an open file exclusively; ``False`` if another process holds it (non-blocking).
+
+    An advisory lock (``flock`` on POSIX, ``msvcrt.locking`` on Windows) that the
+    operating system releases when its holder exits or is killed: a killed sweep
+    never leaves a stale lock behind. Shared filesystems work if they support these
+    locks (NFSv4 does).
+    """
+    if os.name == "nt":  # pragma: no cover - Windows
+        import msvcrt
+
+        fh.seek(0)
+        while True:
+            try:
+                msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+                return True
+            except OSError:
+                if not blocking:
+                    return False
+                time.sleep(0.05)
+    import fcntl
+
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _unlock(fh) -> None:
+    if os.name == "nt":  # pragma: no cover - Windows
+        import msvcrt
+
+        fh.seek(0)
+        msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
+    fh.close()  # closing releases a flock
+
+
+class _DirectoryLock:
+    """The sweep directory's lock (``<out>/.lock``): held while config.json or results.csv change."""
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / ".lock"
+
+    def __enter__(self) -> _DirectoryLock:
+        self._fh = open(self.path, "a+")  # closed by __exit__
+        _lock(self._fh, blocking=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _unlock(self._fh)
+
+
+class _Claims:
+    """Per-run claim files in ``<out>/.claims/``: a run is trained by the process holding its lock.
+
+    Each file holds who claimed it last (pid, host) and whether that process finished
+    the run (``"done"``) and when, so another process can tell "being trained now" (the
+    lock is held), "tried during my session" (done since I started) and "its process
+    died" (the lock is free but the state is still ``"running"``).
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory) / ".claims"
+        self.held: dict[str, Any] = {}
+
+    def _path(self, run_id: str) -> Path:
+        return self.directory / run_id
+
+    def try_claim(self, run_id: str) -> dict[str, Any] | None:
+        """Claim a run: its previous state (``{}`` if never claimed), or ``None`` if held."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".results.", suffix=".csv")
+        fh = open(self._path(run_id), "a+")  # kept open while the claim is held
+        if not _lock(fh, blocking=False):
+            fh.close()
+            return None
+        fh.seek(0)
         try:
-            with os.fdopen(fd, "w", newline="") as fh:
-                self.frame().to_csv(fh, index=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)  # atomic: readers see the old or the new file
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            previous = json.loads(fh.read() or "{}")
+        except json.JSONDecodeError:
+            previous = {}
+        self.held[run_id] = fh
+        self._state(run_id, "running")
+        return previous
+
+    def _state(self, run_id: str, state: str) -> None:
+        fh = self.held[run_id]
+        fh.seek(0)
+        fh.truncate()
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "state": state}
+        fh.write(json.dumps({**info, "time": time.time()}))
+        fh.flush()
+
+    def release(self, run_id: str, done: bool = False) -> None:
+        """Give a claim back; ``done`` records that this process finished the run."""
+        if run_id not in self.held:
+            return
+        if done:
+            self._state(run_id, "done")
+        _unlock(self.held.pop(run_id))
+
+    def release_all(self) -> None:
+        for run_id in list(self.held):
+            self.release(run_id)
+
+    def holder(self, run_id: str) -> str:
+        """Who holds a run's claim, for messages: ``"process 123 on host"``."""
+        try:
+            info = json.loads(self._path(run_id).read_text() or "{}")
+            return f"process {info['pid']} on {info['host']}"
+        except (OSError, ValueError, KeyError):
+            return "another process"
+
+    def holders(self) -> list[str]:
+        """The processes holding claims in this directory now (empty if none)."""
+        found = []
+        for path in sorted(self.directory.glob("*")) if self.directory.exists() else []:
+            with open(path, "a+") as fh:
+                if not _lock(fh, blocking=False):
+                    found.append(self.holder(path.name))
+        return sorted(set(found))
 
 
 def _clean(value: Any) -> Any:
@@ -501,6 +678,39 @@ class SweepResult:
     figures: list[Path]
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep; the message says what was saved and how to resume."""
+
+
+def check_sweep_can_run(config: SweepConfig) -> None:
+    """Refuse, once and before any training, what would make every run fail.
+
+    Checks that the device exists on this machine, that the task's optional
+    dependencies are installed, that its base weights load (present and matching
+    the manifest) and that every rank fits the layers it adapts.
+
+    Raises
+    ------
+    ValueError
+        With the problem and the fix (``rankkit.checkpoints.CheckpointError`` for base
+        weights, ``ImportError`` for a missing extra).
+    """
+    import torch
+
+    from rankkit.devices import resolve_device
+    from rankkit.tasks import get_task
+
+    device = resolve_device(config.device)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {config.device!r}: this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s), numbered from 0; use 'cuda', 'cuda:N' with N below that, or 'cpu'."
+        )
+    task = get_task(config.task)
+    task.build_model(pretrained=True)
+    check_ranks_fit(config)
+
+
 def run_sweep(
     config: SweepConfig,
     *,
@@ -509,8 +719,16 @@ def run_sweep(
     runner: Callable[..., dict[str, Any]] | None = None,
     plot: bool = True,
     log: Callable[[str], None] = print,
+    poll_s: float = 1.0,
 ) -> SweepResult:
-    """Run (or resume) a sweep and return its results.
+    """Run (or resume, or join) a sweep and return its results.
+
+    Several processes may run the same sweep into the same directory at once (two
+    terminals, or machines sharing a filesystem): each run is trained by the one
+    process that claims it (see :class:`_Claims`), rows are merged into
+    ``results.csv`` under a lock, and a process that runs out of unclaimed runs waits
+    for the others' runs -- taking over any whose process died -- so that every
+    process returns the whole sweep.
 
     Parameters
     ----------
@@ -527,45 +745,110 @@ def run_sweep(
         Write the trade-off figures at the end.
     log : callable
         Where status lines go (``print`` by default).
+    poll_s : float
+        How often to look again at runs that another process is training.
+
+    Raises
+    ------
+    SweepInterrupted
+        On Ctrl-C, after releasing this process's runs; the message says what is saved.
     """
     from tqdm.auto import tqdm
 
     config = config.validated()
-    check_ranks_fit(config)
+    check_sweep_can_run(config)
     out_dir = config.output_dir()
     _claim_directory(out_dir, config, force)
+    started = time.time()
     store = ResultsStore(out_dir)
+    claims = _Claims(out_dir)
     runs = plan_runs(config)
     finished = store.finished()
     todo = [r for r in runs if r.run_id not in finished]
     skipped = [r.run_id for r in runs if r.run_id in finished]
     if skipped:
         log(f"resuming {out_dir}: {len(skipped)} finished run(s) skipped, {len(todo)} to run")
+    if not todo:
+        log(f"nothing to run: all {len(runs)} runs are in {store.path}")
     runner = runner or run_one
-    bar = tqdm(total=len(todo), desc=f"sweep {config.task}", unit="run", disable=not progress)
-    ran = []
+    bar = tqdm(
+        total=len(todo), desc=f"sweep {config.task}", unit="run", disable=not (progress and todo)
+    )
+    ran: list[str] = []
+    settled: set[str] = set()
 
     def done(row: dict[str, Any]) -> None:
         store.record(row)
+        claims.release(row["run_id"], done=True)
+        settled.add(row["run_id"])
         ran.append(row["run_id"])
         bar.update(1)
         if row["status"] != "ok":
             log(f"run {row['run_id']} failed: {row['error']}")
 
-    if config.executor == "ray":
-        _run_ray(todo, config, out_dir, runner, done)
-    elif config.jobs > 1 and len(todo) > 1:
-        _run_processes(todo, config, out_dir, runner, done)
-    else:
-        for group in _batch_groups(todo, config, runner, log):
-            if len(group) == 1:
-                done(_safe_run(runner, group[0], config, str(out_dir)))
+    def claim(specs: list[RunSpec]) -> list[RunSpec]:
+        """Those of ``specs`` this process now holds and has to train."""
+        mine = []
+        for spec in specs:
+            previous = claims.try_claim(spec.run_id)
+            if previous is None:
+                continue  # another process is training it
+            row = store.reload().rows.get(spec.run_id)
+            tried = previous.get("state") == "done" and previous.get("time", 0) >= started
+            if row is not None and (row.get("status") == "ok" or tried):
+                claims.release(spec.run_id)  # finished (or tried) by another process
+                settled.add(spec.run_id)
+                bar.update(1)
             else:
-                for row in _run_batched(group, config, str(out_dir), log):
-                    done(row)
+                mine.append(spec)
+        return mine
+
+    parallel = config.executor == "ray" or config.jobs > 1
+
+    def train(group: list[RunSpec]) -> None:
+        """Train claimed runs: in parallel, as one batched group, or the one run."""
+        if config.executor == "ray" and group:
+            _run_ray(group, config, out_dir, runner, done)
+        elif parallel and len(group) > 1:
+            _run_processes(group, config, out_dir, runner, done)
+        elif len(group) == 1:
+            done(_safe_run(runner, group[0], config, str(out_dir)))
+        elif group:
+            for row in _run_batched(group, config, str(out_dir), log):
+                done(row)
+
+    try:
+        # Parallel executors take every run they can claim at once; sequential training
+        # claims one (batched) group at a time, so that processes share the work.
+        for group in [todo] if parallel else _batch_groups(todo, config, runner, log):
+            train(claim(group))
+        waiting_for = None
+        while pending := [s for s in todo if s.run_id not in settled]:
+            holders = sorted({claims.holder(s.run_id) for s in pending})
+            if holders != waiting_for:
+                log(
+                    f"waiting for {len(pending)} run(s) that {', '.join(holders)} "
+                    f"{'is' if len(holders) == 1 else 'are'} training in {out_dir}"
+                )
+                waiting_for = holders
+            time.sleep(poll_s)
+            mine = claim(pending)  # the runs of a process that died are taken over
+            for group in [mine] if parallel else _batch_groups(mine, config, runner, log):
+                train(group)
+    except KeyboardInterrupt:
+        bar.close()
+        claims.release_all()
+        saved = len(store.reload().finished() & {r.run_id for r in runs})
+        raise SweepInterrupted(
+            f"interrupted: {saved} of {len(runs)} runs are saved in {store.path} "
+            f"({len(ran)} from this session); run the same command again to resume the "
+            f"other {len(runs) - saved}."
+        ) from None
+    finally:
+        claims.release_all()
     bar.close()
 
-    results = store.frame()
+    results = store.reload().frame()
     figures = []
     if plot and len(results):
         figures = write_sweep_figures(out_dir)
@@ -646,27 +929,39 @@ def _run_batched(
 
 
 def _claim_directory(out_dir: Path, config: SweepConfig, force: bool) -> None:
+    """Check ``config`` against the directory's config.json and write it, under the lock.
+
+    A directory holds one sweep: a different config is refused unless ``force``, and
+    refused even then while another process is working on the directory.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "config.json"
     wanted = config.result_affecting()
-    if path.exists():
-        saved = json.loads(path.read_text())
-        saved_affecting = {k: v for k, v in saved.items() if k not in SweepConfig.EXECUTION_KEYS}
-        diff = {
-            k: (saved_affecting.get(k), wanted.get(k))
-            for k in sorted(set(saved_affecting) | set(wanted))
-            if saved_affecting.get(k) != wanted.get(k)
-        }
-        if diff and not force:
+    with _DirectoryLock(out_dir):
+        if path.exists():
+            saved = json.loads(path.read_text())
+            saved_affecting = {
+                k: v for k, v in saved.items() if k not in SweepConfig.EXECUTION_KEYS
+            }
+            diff = {
+                k: (saved_affecting.get(k), wanted.get(k))
+                for k in sorted(set(saved_affecting) | set(wanted))
+                if saved_affecting.get(k) != wanted.get(k)
+            }
             lines = "; ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"{out_dir} holds a sweep with a different config ({lines}). Use another "
-                "--out directory, or --force to continue it with the new config."
-            )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".config.", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(dataclasses.asdict(config), fh, indent=2)
-    os.replace(tmp, path)
+            if diff and not force:
+                raise ValueError(
+                    f"{out_dir} holds a sweep with a different config ({lines}). Use another "
+                    "--out directory, or --force to continue it with the new config."
+                )
+            busy = _Claims(out_dir).holders() if diff else []
+            if busy:
+                raise ValueError(
+                    f"{out_dir} holds a sweep with a different config ({lines}) that "
+                    f"{', '.join(busy)} is running now; --force cannot change it until that "
+                    "sweep ends. Use another --out directory."
+                )
+        _write_atomically(path, lambda fh: json.dump(dataclasses.asdict(config), fh, indent=2))
 
 
 def _run_processes(todo, config, out_dir, runner, done) -> None:
@@ -842,7 +1137,18 @@ def format_summary(results: pd.DataFrame) -> str:
     text = shown.to_string(index=False, float_format=lambda x: f"{x:.4g}")
     lines = [text]
     any_interval = False
-    for targets in results.loc[results["method"] == "lora", "targets"].dropna().unique():
+    lora_targets = results.loc[results["method"] == "lora", "targets"].dropna().unique()
+    missing = [name for name, ref in zip(("full fine-tuning", "frozen-base"), _references(results))
+               if ref is None]  # fmt: skip
+    if missing and len(lora_targets):
+        # Without both references there is no gain: say what was measured, conclude nothing.
+        lines.append(
+            f"no finished {' or '.join(missing)} runs, so no full-FT gain to measure ranks "
+            "against: the table shows each rank's test metric only (sweep without "
+            "--no-baselines for the rank reaching 90%/95% of the gain)"
+        )
+        lora_targets = []
+    for targets in lora_targets:
         parts = []
         for fraction in (0.9, 0.95):
             text = f"rank {_rank_text(rank_for_gain(results, fraction, targets))}"

@@ -357,3 +357,74 @@ def test_rank_for_gain_interval_is_a_point_without_noise_and_widens_with_it():
     assert rank_for_gain_interval(single, 0.9, "q") is None
     with pytest.raises(ValueError, match="level must be in"):
         rank_for_gain_interval(noisy, 0.9, level=1.5)
+
+
+def test_without_baselines_the_summary_concludes_nothing_about_the_gain():
+    from rankkit.sweep import format_summary
+
+    lora_only = _seeded_results({("lora", 1): [0.8, 0.82], ("lora", 4): [0.9, 0.91]})
+    columns = {"metric": "accuracy", "trainable_params": 10, "trainable_fraction": 0.1}
+    text = format_summary(lora_only.assign(**columns))
+    assert "90% of the full-FT gain at" not in text and "not reached" not in text
+    assert "no finished full fine-tuning or frozen-base runs" in text
+    assert "0.81" in text and "0.905" in text  # what was measured is still shown
+    frozen_only = pd.concat([lora_only, _seeded_results({("frozen", None): [0.5]})])
+    text = format_summary(frozen_only.assign(**columns))
+    assert "no finished full fine-tuning runs" in text and "gain at" not in text
+
+
+@pytest.mark.parametrize(
+    "given, expected",
+    [("1,2,4", [1, 2, 4]), ("4 2 1", [1, 2, 4]), (["1,2", "4"], [1, 2, 4]),
+     (["8", "2"], [2, 8]), ([2, 2.0, 1], [1, 2]), (3, [3]), ("", [])],
+)  # fmt: skip
+def test_every_list_option_takes_commas_spaces_or_both(given, expected):
+    from rankkit.sweep import parse_int_list
+
+    assert parse_int_list(given, "ranks") == expected
+
+
+def test_the_list_parser_names_the_option_and_the_bad_item():
+    from rankkit.sweep import parse_int_list
+
+    with pytest.raises(ValueError, match=r"^seeds: '-1' is not a non-negative integer\.$"):
+        parse_int_list(["0", "-1"], "seeds", minimum=0)
+    with pytest.raises(ValueError, match=r"^--dims: '1\.5' is not an integer\.$"):
+        parse_int_list("1.5", "--dims")
+    assert parse_int_list(["0", "1"], "seeds", minimum=0) == [0, 1]
+
+
+def test_a_device_this_machine_lacks_is_refused_before_any_run(tmp_path):
+    out = tmp_path / "dev"
+    # cuda:99 exists nowhere: no CUDA at all, or too few GPUs.
+    with pytest.raises(ValueError, match=r"cuda.*(not available|CUDA device\(s\))"):
+        run_sweep(SweepConfig(**TINY, device="cuda:99", out=str(out)), progress=False)
+    assert not out.exists(), "a refused device must not leave a config.json behind"
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        run_sweep(SweepConfig(**TINY, device="gpu", out=str(out)), progress=False)
+
+
+def test_missing_base_weights_are_refused_before_any_run(tmp_path, monkeypatch):
+    from rankkit.checkpoints import CheckpointError
+
+    monkeypatch.setenv("RANKKIT_DATA_DIR", str(tmp_path / "empty"))
+    out = tmp_path / "nobase"
+    with pytest.raises(CheckpointError, match="no base weights for task 'digits'"):
+        run_sweep(SweepConfig(**TINY, out=str(out)), progress=False)
+    assert not out.exists()
+
+
+def test_results_and_config_are_world_readable_and_ranks_are_integers(tmp_path):
+    config = SweepConfig(**{**TINY, "ranks": [1]}, out=str(tmp_path / "modes"))
+    fake = {"test_metric": 0.5, "val_metric": 0.5, "trainable_params": 10, "status": "ok"}
+
+    def runner(spec, config, out_dir):
+        return {"run_id": spec.run_id, "method": spec.method, "rank": spec.rank, **fake}
+
+    run_sweep(config, runner=runner, progress=False, plot=False, log=lambda _: None)
+    out = tmp_path / "modes"
+    for name in ("results.csv", "config.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o644, name
+    text = (out / "results.csv").read_text().splitlines()
+    rank = text[0].split(",").index("rank")
+    assert sorted(line.split(",")[rank] for line in text[1:]) == ["", "", "1"]

@@ -1,0 +1,194 @@
+"""Several sweeps on one folder, Ctrl-C and kills: no run trained twice, no finished row lost."""
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import pytest
+
+from rankkit.sweep import ResultsStore, SweepConfig, SweepInterrupted, plan_runs, run_sweep
+
+QUIET = {"progress": False, "plot": False, "log": lambda _: None}
+# 2 seeds x 4 ranks, no baselines: 8 LoRA runs.
+CONFIG = {"task": "digits", "ranks": [1, 2, 4, 8], "seeds": [0, 1], "epochs": 3, "lr": 1e-2}
+
+
+def _fake_row(spec, config):
+    return {"run_id": spec.run_id, "task": config.task, "method": spec.method,
+            "rank": spec.rank, "seed": spec.seed, "test_metric": 0.5, "status": "ok"}  # fmt: skip
+
+
+def test_two_sweeps_on_one_folder_share_the_runs_and_train_each_once(tmp_path):
+    config = SweepConfig(**CONFIG, out=str(tmp_path / "shared"))
+    trained = collections.Counter()
+    by_worker = collections.defaultdict(list)
+
+    def runner(spec, config, out_dir):
+        trained[spec.run_id] += 1
+        by_worker[threading.current_thread().name].append(spec.run_id)
+        time.sleep(0.05)  # long enough for the other sweep to claim runs meanwhile
+        return _fake_row(spec, config)
+
+    results = {}
+
+    def sweep(name):
+        results[name] = run_sweep(config, runner=runner, poll_s=0.01, **QUIET)
+
+    # Claims are file locks on separate open files, so two threads contend for them
+    # exactly as two processes do.
+    threads = [threading.Thread(target=sweep, args=(n,), name=n) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    expected = {spec.run_id for spec in plan_runs(config)}
+    assert len(expected) == 12  # 8 LoRA runs + frozen and full for 2 seeds
+    assert dict(trained) == dict.fromkeys(expected, 1)
+    assert by_worker["a"] and by_worker["b"], "both sweeps should have trained some runs"
+    for name in ("a", "b"):  # each returns the whole sweep, not just its own runs
+        assert set(results[name].results["run_id"]) == expected
+        assert sorted(results[name].ran) == sorted(by_worker[name])
+    final = pd.read_csv(tmp_path / "shared" / "results.csv")
+    assert sorted(final["run_id"]) == sorted(expected)
+
+
+def test_concurrent_writers_never_lose_each_others_rows(tmp_path):
+    def write(worker):
+        store = ResultsStore(tmp_path)
+        for i in range(25):
+            store.record({"run_id": f"{worker}-{i}", "status": "ok"})
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in "abcd"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ResultsStore(tmp_path).rows) == 100
+
+
+def test_an_error_never_replaces_a_finished_row(tmp_path):
+    store = ResultsStore(tmp_path)
+    store.record({"run_id": "r", "status": "ok", "test_metric": 0.9})
+    ResultsStore(tmp_path).record({"run_id": "r", "status": "error", "error": "late"})
+    assert ResultsStore(tmp_path).rows["r"]["test_metric"] == 0.9
+
+
+def test_a_run_another_sweep_tried_in_this_session_is_not_retried(tmp_path):
+    # Sweep "a" fails a run; sweep "b", waiting for it, must accept that error row
+    # rather than train the run again (a re-run later retries it).
+    config = SweepConfig(**{**CONFIG, "ranks": [1], "seeds": [0]}, baselines=False,
+                         out=str(tmp_path / "err"))  # fmt: skip
+    calls = collections.Counter()
+    started, b_waits = threading.Event(), threading.Event()
+
+    def failing(spec, config, out_dir):
+        calls[spec.run_id] += 1
+        started.set()
+        b_waits.wait(60)  # fail only once sweep "b" is waiting for this run
+        raise RuntimeError("injected")
+
+    a = threading.Thread(target=run_sweep, args=(config,), kwargs={"runner": failing, **QUIET})
+    a.start()
+    started.wait(60)
+    b = run_sweep(
+        config, runner=failing, poll_s=0.01, progress=False, plot=False,
+        log=lambda line: "waiting for 1 run(s) that process" in line and b_waits.set(),
+    )  # fmt: skip
+    a.join()
+    assert sum(calls.values()) == 1 and b.ran == []
+    assert list(b.results["status"]) == ["error"]
+
+
+def test_a_runner_interrupted_leaves_finished_rows_and_says_how_to_resume(tmp_path):
+    config = SweepConfig(**CONFIG, baselines=False, out=str(tmp_path / "ctrl-c"))
+
+    def runner(spec, config, out_dir):
+        if spec.rank == 4:
+            raise KeyboardInterrupt
+        return _fake_row(spec, config)
+
+    with pytest.raises(SweepInterrupted, match=r"4 of 8 runs are saved in .*results.csv \(4 from "
+                       r"this session\); run the same command again to resume the other 4"):  # fmt: skip
+        run_sweep(config, runner=runner, **QUIET)
+    assert len(ResultsStore(config.output_dir()).finished()) == 4
+    # Nothing is left claimed: the resume trains exactly the other four.
+    again = run_sweep(config, runner=lambda s, c, o: _fake_row(s, c), **QUIET)
+    assert len(again.ran) == 4 and len(again.skipped) == 4
+
+
+def _sweep_process(args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "rankkit", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.mark.slow
+def test_two_sweep_processes_on_one_folder_one_killed_then_a_rerun(tmp_path):
+    out = tmp_path / "together"
+    args = ["sweep", "--ranks", "1,2,4,8", "--seeds", "0,1", "--epochs", "3", "--lr", "0.01",
+            "--no-baselines", "--no-batch", "--out", str(out), "--quiet"]  # fmt: skip
+    a, b = _sweep_process(args), _sweep_process(args)
+    results = out / "results.csv"
+    seen = {}  # run_id -> train_time_s of every finished row ever read
+    at_kill = None
+    deadline = time.time() + 240
+    while time.time() < deadline and b.poll() is None:
+        if results.exists():
+            rows = pd.read_csv(results)  # always a whole file: writes are atomic
+            seen.update(zip(rows["run_id"], rows["train_time_s"]))
+            if len(seen) >= 3 and at_kill is None:
+                a.send_signal(signal.SIGKILL)  # mid-way through the sweep
+                at_kill = len(seen)
+        time.sleep(0.05)
+    a.wait()
+    _, b_err = b.communicate(timeout=240)
+    assert a.returncode == -signal.SIGKILL, "the first sweep should have been killed mid-way"
+    assert b.returncode == 0, b_err
+    final = pd.read_csv(results)
+    assert len(final) == 8 and final["run_id"].is_unique and (final["status"] == "ok").all()
+    # Nothing finished was lost or trained again: every row ever seen is still there as is.
+    assert at_kill is not None and 3 <= at_kill < 8, "the kill should fall mid-way"
+    kept = final.set_index("run_id")["train_time_s"]
+    assert all(kept[run] == t for run, t in seen.items())
+    assert "Traceback" not in b_err
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "rankkit", *args], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "MPLBACKEND": "Agg"},
+    )  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert "8 finished run(s) skipped, 0 to run" in rerun.stdout
+    assert "nothing to run" in rerun.stdout and "0run" not in rerun.stdout + rerun.stderr
+    assert pd.read_csv(results).equals(final)
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_on_what_was_saved_and_a_rerun_resumes(tmp_path):
+    out = tmp_path / "interrupted"
+    args = ["sweep", "--ranks", "1,2,4,8", "--seeds", "0,1", "--epochs", "3", "--lr", "0.01",
+            "--no-baselines", "--no-batch", "--out", str(out)]  # fmt: skip
+    proc = _sweep_process(args)
+    results = out / "results.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (results.exists() and len(pd.read_csv(results)) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    saved = len(pd.read_csv(results))
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert last == (
+        f"interrupted: {saved} of 8 runs are saved in {results} ({saved} from this session); "
+        f"run the same command again to resume the other {8 - saved}."
+    )
