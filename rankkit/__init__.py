@@ -41,7 +41,6 @@ from rankkit.spectra import (
 from rankkit.tasks import TASKS, Task, get_task, list_tasks
 from rankkit.train import (
     TrainResult,
-    finetune,
     fit,
     freeze_all_but,
     head_only,
@@ -74,6 +73,10 @@ from rankkit.intrinsic import (
     search_intrinsic_dimension,
 )
 from rankkit.projections import fwht, make_projection
+
+# One recipe per method, and fine-tuning to checkpoints
+# isort: split
+from rankkit.methods import METHODS, PreparedRun, finetune, prepare_run
 
 # Sweeps and batched training
 # isort: split

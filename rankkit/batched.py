@@ -112,7 +112,9 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from rankkit.devices import autocast_for, peak_memory_mb, resolve_device, to_device
 from rankkit.lora import LoraConfig, LoRALinear, apply_lora
-from rankkit.train import TrainResult, _hparams, _lr_factor, _progress_bar, set_seed
+from rankkit.methods import prepare_run
+from rankkit.tasks import Task
+from rankkit.train import TrainResult, _hparams, _lr_factor, _progress_bar
 from rankkit.utils import count_parameters, set_submodule
 
 __all__ = [
@@ -747,8 +749,6 @@ def _per_run_losses(task, outputs, inputs, targets, K: int) -> torch.Tensor:
 
 def _is_base_method(task, name: str) -> bool:
     """Whether ``task.<name>`` is :class:`rankkit.tasks.Task`'s own (not overridden)."""
-    from rankkit.tasks.base import Task
-
     return isinstance(task, Task) and getattr(type(task), name) is getattr(Task, name)
 
 
@@ -800,14 +800,6 @@ def _run_rng(generators: Sequence[torch.Generator] | None, k: int):
         torch.set_rng_state(saved)
 
 
-def _reference_init(task, config: LoraConfig, seed: int) -> nn.Module:
-    """A run's model at initialisation, exactly as the single-run recipe makes it."""
-    set_seed(seed)
-    model = task.build_model(pretrained=True, seed=seed)
-    apply_lora(model, config, roles=getattr(task, "roles", None))
-    return model
-
-
 def _canonical(name: str) -> str:
     """``blocks.0.attn.q.base_layer.weight`` -> ``blocks.0.attn.q.weight``."""
     return name.replace(".base_layer.", ".")
@@ -857,7 +849,7 @@ def _initial_runs(
         )
     runs = []
     for k, (config, seed) in enumerate(zip(configs, seeds)):
-        run = _reference_init(task, config, seed)
+        run = prepare_run(task, "lora", seed, lora_config=config).model
         saved_names = run.rankkit_lora_config.modules_to_save or []
         for name, p in run.named_parameters():
             owner = run.get_submodule(name.rpartition(".")[0])

@@ -8,10 +8,19 @@ functions it calls are the ones a notebook would call.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
+from pathlib import Path
+
+import torch
 
 import rankkit
+from rankkit.figures import FIGURES, make_figures
+from rankkit.intrinsic import HyperplaneProblem, TaskProblem, estimate_intrinsic_dimension
+from rankkit.methods import finetune
+from rankkit.sweep import write_sweep_figures
+from rankkit.tasks import DEFAULT_TASK, data_dir, pretrain_base, task_table
 
 
 def _add_command(subparsers, name: str, help: str, examples: str) -> argparse.ArgumentParser:
@@ -246,11 +255,6 @@ def _register_intrinsic_dim(subparsers) -> None:
 
 
 def _cmd_intrinsic_dim(args) -> int:
-    import json
-    from pathlib import Path
-
-    from rankkit.intrinsic import HyperplaneProblem, TaskProblem, estimate_intrinsic_dimension
-
     if args.task.lower() in ("toy", "hyperplane"):
         problem = HyperplaneProblem()
     else:
@@ -291,8 +295,6 @@ def _cmd_intrinsic_dim(args) -> int:
     for path in paths.values():
         print(f"wrote {path}")
     if (out / "results.csv").exists():  # a sweep directory: redraw its figures with d90
-        from rankkit.sweep import write_sweep_figures
-
         config = out / "config.json"
         sweep_task = json.loads(config.read_text()).get("task") if config.exists() else None
         if sweep_task not in (None, args.task):
@@ -319,8 +321,6 @@ def _register_tasks(subparsers) -> None:
 
 
 def _cmd_tasks(args) -> int:
-    from rankkit.tasks import DEFAULT_TASK, task_table
-
     for row in task_table():
         params = f"{row['params']:,}" if row["params"] is not None else "?"
         default = " (default)" if row["task"] == DEFAULT_TASK else ""
@@ -359,10 +359,6 @@ def _register_pretrain(subparsers) -> None:
 
 
 def _cmd_pretrain(args) -> int:
-    import json
-
-    from rankkit.tasks import data_dir, pretrain_base
-
     try:
         entry = pretrain_base(
             args.task, seed=args.seed, directory=args.out, progress=not args.quiet,
@@ -381,11 +377,11 @@ def _register_finetune(subparsers) -> None:
     p = _add_command(
         subparsers,
         "finetune",
-        "Fine-tune a task's pretrained base (all weights, or only the head); write base and "
-        "fine-tuned weights (safetensors) and metrics.json.",
+        "Fine-tune a task's pretrained base (all weights, or only the head: the frozen base); "
+        "write base and fine-tuned weights (safetensors) and metrics.json.",
         """
         python -m rankkit finetune                                  # digits, full fine-tuning
-        python -m rankkit finetune --task digits --head-only        # the frozen-base baseline
+        python -m rankkit finetune --task digits --frozen-base      # only the head trains
         python -m rankkit finetune --task topics --epochs 8 --lr 1e-3 --out runs/topics-full
         python -m rankkit finetune --task minilm --model /path/to/hf/model --device auto
         python -m rankkit spectrum runs/digits-full/base.safetensors runs/digits-full/finetuned.safetensors
@@ -393,7 +389,10 @@ def _register_finetune(subparsers) -> None:
     )
     p.add_argument("--task", default="digits", help="task name (default digits)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/TASK-METHOD)")
-    p.add_argument("--head-only", action="store_true", help="train only the head (frozen base)")
+    p.add_argument(
+        "--frozen-base", "--head-only", dest="frozen_base", action="store_true",
+        help="the frozen-base baseline: train only the task head",
+    )  # fmt: skip
     p.add_argument("--from-scratch", action="store_true", help="random init instead of the base")
     p.add_argument("--epochs", type=int, help="default: the task's")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the task's)")
@@ -410,18 +409,15 @@ def _register_finetune(subparsers) -> None:
 
 
 def _cmd_finetune(args) -> int:
-    import torch
-
-    from rankkit.train import finetune
-
     if args.threads:
         torch.set_num_threads(args.threads)
     options = {"model": args.model} if args.model else {}
-    method = "head" if args.head_only else "scratch" if args.from_scratch else "full"
-    out = args.out or f"runs/{args.task}-{method}"
+    method = "frozen" if args.frozen_base else "full"
+    name = method if args.frozen_base or not args.from_scratch else "scratch"
+    out = args.out or f"runs/{args.task}-{name}"
     try:
         result, paths = finetune(
-            args.task, out, task_options=options, head_only=args.head_only,
+            args.task, out, task_options=options, method=method,
             pretrained=not args.from_scratch, epochs=args.epochs, lr=args.lr,
             batch_size=args.batch_size, weight_decay=args.weight_decay,
             schedule=args.schedule, warmup=args.warmup, device=args.device, seed=args.seed,
@@ -477,10 +473,6 @@ def _cmd_figures(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
-    import torch
-
-    from rankkit.figures import FIGURES, make_figures
-
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = make_figures(

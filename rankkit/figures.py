@@ -35,6 +35,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+
+from rankkit.checkpoints import load_state_dict
+from rankkit.intrinsic import HyperplaneProblem, TaskProblem, estimate_intrinsic_dimension
+from rankkit.methods import prepare_run
+from rankkit.plots import (
+    plot_intrinsic_dimension,
+    plot_params_tradeoff,
+    plot_rank_tradeoff,
+    plot_spectra,
+    plot_subspace_similarity,
+)
+from rankkit.spectra import delta_weights, subspace_similarity_grid
+from rankkit.sweep import SweepConfig, run_sweep
+from rankkit.tasks import get_task
+from rankkit.train import fit
+
 #: File name -> one-line description of every figure :func:`make_figures` writes.
 FIGURES = {
     "digits_dW_spectrum.png": "digits: singular values of full fine-tuning's ΔW per layer vs a "
@@ -109,8 +126,6 @@ def make_figures(
 
 
 def _save(fig, path: Path, log: Callable[[str], None]) -> Path:
-    import matplotlib.pyplot as plt
-
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     log(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
@@ -118,31 +133,18 @@ def _save(fig, path: Path, log: Callable[[str], None]) -> Path:
 
 
 def _make_all(out, work, settings, jobs, progress, log) -> list[Path]:
-    import rankkit
-    from rankkit.intrinsic import HyperplaneProblem, TaskProblem
-    from rankkit.plots import (
-        plot_intrinsic_dimension,
-        plot_params_tradeoff,
-        plot_rank_tradeoff,
-        plot_spectra,
-        plot_subspace_similarity,
-    )
-    from rankkit.sweep import SweepConfig, run_sweep
-    from rankkit.tasks import get_task
-    from rankkit.train import fit
-
     start = time.perf_counter()
     written: list[Path] = []
     task = get_task("digits")
 
     # 1. Spectrum of full fine-tuning's update.
     log("[1/4] full fine-tuning of digits (seed 0) -> spectrum of ΔW")
-    model = task.build_model(pretrained=True, seed=0)
+    model = prepare_run(task, "full", seed=0).model
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = fit(model, task, epochs=settings.epochs, seed=0, progress=progress)
     log(f"      {result}")
     fig = plot_spectra(
-        rankkit.delta_weights(base, model),
+        delta_weights(base, model),
         title="digits, full fine-tuning: singular values of ΔW vs a random matrix of the same "
         "shape and norm",
     )
@@ -150,7 +152,7 @@ def _make_all(out, work, settings, jobs, progress, log) -> list[Path]:
 
     # 2. Intrinsic dimension: toy, then digits fine-tuning vs from scratch.
     log("[2/4] intrinsic dimension: toy problem, digits fine-tuning and from scratch")
-    toy = rankkit.estimate_intrinsic_dimension(
+    toy = estimate_intrinsic_dimension(
         HyperplaneProblem(), seeds=(0, 1, 2), rtol=0, progress=progress
     )
     log(f"      toy: d90 = {toy.d90}")
@@ -162,7 +164,7 @@ def _make_all(out, work, settings, jobs, progress, log) -> list[Path]:
         ("from scratch (random θ₀)", True),
     ):
         problem = TaskProblem("digits", from_scratch=scratch, epochs=settings.epochs)
-        intrinsic[label] = rankkit.estimate_intrinsic_dimension(
+        intrinsic[label] = estimate_intrinsic_dimension(
             problem,
             dims=settings.intrinsic_dims,
             seeds=settings.intrinsic_seeds,
@@ -207,10 +209,10 @@ def _make_all(out, work, settings, jobs, progress, log) -> list[Path]:
 
     def lora_A(rank: int):
         row = lora[lora["rank"] == rank].iloc[0]
-        tensors = rankkit.load_state_dict(sweep.directory / row["adapter"])
+        tensors = load_state_dict(sweep.directory / row["adapter"])
         return tensors["base_model.model.fc2.lora_A.weight"]
 
-    grid = rankkit.subspace_similarity_grid(lora_A(low), lora_A(high))
+    grid = subspace_similarity_grid(lora_A(low), lora_A(high))
     fig = plot_subspace_similarity(
         grid,
         xlabel=f"j (top-j right singular vectors of A, r = {high})",

@@ -44,6 +44,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rankkit.batched import fit_batched, max_batch_runs
+from rankkit.lora import LoraConfig, apply_lora, save_adapter
+from rankkit.methods import method_lr, prepare_run
+from rankkit.tasks import get_task
+from rankkit.utils import count_parameters
+
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32)
 DEFAULT_SEEDS = (0, 1, 2)
 EXECUTORS = ("local", "ray")
@@ -308,9 +314,6 @@ def plan_runs(config: SweepConfig) -> list[RunSpec]:
 
 def check_ranks_fit(config: SweepConfig) -> None:
     """Refuse ranks larger than the narrowest layer each target set adapts."""
-    from rankkit.lora import LoraConfig, apply_lora
-    from rankkit.tasks import get_task
-
     task = get_task(config.task)
     for targets in config.targets:
         model = task.build_model(pretrained=False)
@@ -337,38 +340,16 @@ def check_ranks_fit(config: SweepConfig) -> None:
 
 def run_one(spec: RunSpec, config: SweepConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Train one run and return its results row. Exceptions propagate to the caller."""
-    from rankkit.lora import apply_lora
-    from rankkit.tasks import get_task
-    from rankkit.train import fit, set_seed
-
     task = get_task(config.task)
-    hp = dict(task.default_hparams)
-    # The reference recipe of a run; batched training reproduces exactly this.
-    set_seed(spec.seed)
-    model = task.build_model(pretrained=True, seed=spec.seed)
-    if spec.method == "lora":
-        apply_lora(model, _lora_config(spec, config, task), roles=task.roles)
-        lr = _lora_lr(config, task)
-    elif spec.method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        lr = config.full_lr or hp.get("lr")
-    else:  # frozen base: only the head learns
-        heads = tuple(task.head_modules)
-        for name, p in model.named_parameters():
-            p.requires_grad_(any(name == h or name.startswith(h + ".") for h in heads))
-        lr = config.full_lr or hp.get("head_lr", hp.get("lr"))
-    result = fit(
-        model, task, epochs=config.epochs, lr=lr, device=config.device, seed=spec.seed,
-        progress=False,
-    )  # fmt: skip
-    return _result_row(spec, config, task, model, result, out_dir)
+    lora_config = _lora_config(spec, config, task) if spec.method == "lora" else None
+    lr = config.lr if spec.method == "lora" else config.full_lr
+    run = prepare_run(task, spec.method, spec.seed, lr=lr, lora_config=lora_config)
+    result = run.fit(task, epochs=config.epochs, device=config.device, progress=False)
+    return _result_row(spec, config, task, run.model, result, out_dir)
 
 
 def _lora_config(spec: RunSpec, config: SweepConfig, task) -> Any:
     """The LoraConfig of a LoRA run (the same for single and batched training)."""
-    from rankkit.lora import LoraConfig
-
     target_modules = "all-linear" if spec.targets == "all-linear" else spec.targets.split(",")
     return LoraConfig(
         r=spec.rank,
@@ -379,15 +360,8 @@ def _lora_config(spec: RunSpec, config: SweepConfig, task) -> Any:
     )
 
 
-def _lora_lr(config: SweepConfig, task) -> float:
-    hp = dict(task.default_hparams)
-    return config.lr or hp.get("lora_lr", hp.get("lr"))
-
-
 def _result_row(spec: RunSpec, config: SweepConfig, task, model, result, out_dir) -> dict[str, Any]:
     """Save a trained run's adapter (LoRA) and return its results row."""
-    from rankkit.lora import count_parameters, save_adapter
-
     adapter_path = ""
     counts = count_parameters(model)
     if spec.method == "lora":
@@ -869,8 +843,6 @@ def _batch_groups(
     single = [[s] for s in todo]
     if not config.batch or runner is not run_one:
         return single
-    from rankkit.batched import max_batch_runs
-    from rankkit.tasks import get_task
 
     task = get_task(config.task)
     groups = [[s] for s in todo if s.method != "lora"]
@@ -903,14 +875,12 @@ def _run_batched(
     whole, its runs are trained one by one instead, so a bad run is recorded as an
     ``error`` row and the others still finish.
     """
-    from rankkit.batched import fit_batched
-    from rankkit.tasks import get_task
 
     task = get_task(config.task)
     try:
         trained = fit_batched(
             task, [_lora_config(s, config, task) for s in specs], [s.seed for s in specs],
-            epochs=config.epochs, lr=_lora_lr(config, task), device=config.device,
+            epochs=config.epochs, lr=method_lr(task, "lora", config.lr), device=config.device,
         )  # fmt: skip
     except Exception as err:  # fall back to single runs; their errors become rows
         log(

@@ -31,7 +31,6 @@ from __future__ import annotations
 import functools
 import math
 import random
-import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from rankkit.devices import autocast_for, peak_memory_mb, resolve_device, to_device
 from rankkit.utils import count_parameters, did_you_mean, within
@@ -409,71 +409,4 @@ def fit(
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
-
-
-def finetune(
-    task,
-    out: str | None = None,
-    *,
-    task_options: dict[str, Any] | None = None,
-    head_only: bool = False,
-    pretrained: bool = True,
-    seed: int = 0,
-    **fit_kwargs: Any,
-) -> tuple[TrainResult, dict[str, str]]:
-    """Fine-tune a task's base model and (optionally) write the results to ``out``.
-
-    Builds ``task.build_model(pretrained, seed)``, trains all of it (or only
-    ``task.head_modules`` with ``head_only=True``, by default at the task's
-    ``default_hparams["head_lr"]``) with :func:`fit`, and writes
-
-    * ``base.safetensors`` -- the weights *before* training (pretrained body plus
-      the freshly initialised head), so every key has a fine-tuned counterpart,
-    * ``finetuned.safetensors`` -- the restored best weights,
-    * ``metrics.json`` -- metrics, history, hyper-parameters and counts.
-
-    ``python -m rankkit spectrum out/base.safetensors out/finetuned.safetensors``
-    then measures the rank of ΔW.
-
-    Returns
-    -------
-    (TrainResult, dict)
-        The training result and ``{"base", "finetuned", "metrics"}`` paths (empty
-        when ``out`` is None).
-    """
-    import json
-    from pathlib import Path
-
-    from rankkit.checkpoints import save_state_dict
-    from rankkit.tasks import get_task
-
-    task = get_task(task, **(task_options or {}))
-    if head_only and fit_kwargs.get("lr") is None and "head_lr" in task.default_hparams:
-        fit_kwargs["lr"] = task.default_hparams["head_lr"]
-    model = task.build_model(pretrained=pretrained, seed=seed)
-    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    if head_only:
-        freeze_all_but(model, task.head_modules)
-    result = fit(model, task, seed=seed, **fit_kwargs)
-    if out is None:
-        return result, {}
-    out = Path(out)
-    meta = {"task": task.name, "method": "head-only" if head_only else "full"}
-    paths = {
-        "base": save_state_dict(base_state, out / "base.safetensors", metadata=meta),
-        "finetuned": save_state_dict(model, out / "finetuned.safetensors", metadata=meta),
-    }
-    record = {
-        **meta,
-        "pretrained": pretrained,
-        "command": " ".join(["python -m rankkit", *sys.argv[1:]])
-        if Path(sys.argv[0]).name in ("__main__.py", "rankkit", "cli.py")
-        else None,
-        **result.to_dict(),
-    }
-    paths["metrics"] = out / "metrics.json"
-    paths["metrics"].write_text(json.dumps(record, indent=2) + "\n")
-    return result, {k: str(v) for k, v in paths.items()}

@@ -365,7 +365,7 @@ def test_sweep_batches_and_gives_the_rows_of_single_runs(tmp_path, monkeypatch):
     calls = []
     real = batched.fit_batched
     monkeypatch.setattr(
-        batched, "fit_batched", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k)
+        "rankkit.sweep.fit_batched", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k)
     )
     together = _sweep(tmp_path, "batched").results.set_index("run_id").sort_index()
     assert calls == [3, 3]  # 6 LoRA runs, at most 4 per batch: 2 even groups of 3
@@ -390,7 +390,7 @@ def test_a_failing_batch_falls_back_to_single_runs(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("injected batch failure")
 
-    monkeypatch.setattr(batched, "fit_batched", broken)
+    monkeypatch.setattr("rankkit.sweep.fit_batched", broken)
     logged = []
     config = SweepConfig(**{**SWEEP, "ranks": [1, 2]}, out=str(tmp_path / "fallback"))
     result = run_sweep(config, progress=False, plot=False, log=logged.append)
@@ -410,13 +410,13 @@ def test_a_run_failing_after_batched_training_is_recorded_and_the_others_finish(
             raise OSError("injected disk failure")
         return real(model, directory, **kwargs)
 
-    monkeypatch.setattr(rankkit.lora, "save_adapter", flaky)
+    monkeypatch.setattr("rankkit.sweep.save_adapter", flaky)
     config = SweepConfig(**{**SWEEP, "ranks": [1, 2], "seeds": [0]}, out=str(tmp_path / "flaky"))
     rows = run_sweep(config, progress=False, plot=False, log=lambda _: None).results
     rows = rows.set_index("rank")
     assert rows.loc[2, "status"] == "error" and "injected disk failure" in rows.loc[2, "error"]
     assert rows.loc[1, "status"] == "ok"
-    monkeypatch.setattr(rankkit.lora, "save_adapter", real)
+    monkeypatch.setattr("rankkit.sweep.save_adapter", real)
     # Resuming retries only the failed run (alone: a batch needs two runs).
     again = run_sweep(config, progress=False, plot=False, log=lambda _: None)
     assert again.ran == ["lora-r2-a2-all_linear-s0"]

