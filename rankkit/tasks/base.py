@@ -6,8 +6,9 @@ train / validation / test splits, a loss and a metric (higher is better), and th
 names of the weight matrices a method may target, grouped by *role*
 (``q``, ``k``, ``v``, ``o``, ``fc1``, ``fc2``, ``head``).
 
-Base weights are safetensors files in ``data/`` next to the package (or in the
-directory named by the ``RANKKIT_DATA_DIR`` environment variable). Each has an
+Base weights are safetensors files in the top-level ``data/`` folder, which an
+installed package carries as ``rankkit/data/`` (or in the directory named by the
+``RANKKIT_DATA_DIR`` environment variable; see :func:`data_dir`). Each has an
 entry in ``data/manifest.json``::
 
     {"digits": {"file": "digits.safetensors", "sha256": "...", "config": {...},
@@ -48,13 +49,16 @@ class MissingExtraError(ImportError):
 def data_dir() -> Path:
     """Directory holding the pretrained base weights and ``manifest.json``.
 
-    ``$RANKKIT_DATA_DIR`` if set, else the ``data/`` directory of the rankkit
-    source tree.
+    ``$RANKKIT_DATA_DIR`` if set; else ``rankkit/data/`` inside an installed package
+    (a wheel or ``pip install .`` carries the top-level ``data/`` folder there); else
+    the ``data/`` folder of the source tree (a checkout or an editable install).
     """
     env = os.environ.get("RANKKIT_DATA_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "data"
+    package = Path(__file__).resolve().parents[1]
+    installed = package / "data"
+    return installed if (installed / MANIFEST).exists() else package.parent / "data"
 
 
 def read_manifest(directory: str | os.PathLike | None = None) -> dict[str, Any]:
