@@ -98,10 +98,9 @@ Example
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -110,11 +109,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-from rankkit.devices import autocast_for, peak_memory_mb, resolve_device, to_device
+from rankkit.devices import autocast_for, resolve_device
 from rankkit.lora import LoraConfig, LoRALinear, apply_lora
 from rankkit.methods import prepare_run
 from rankkit.tasks import Task
-from rankkit.train import TrainResult, _hparams, _lr_factor, _progress_bar
+from rankkit.train import TrainResult, fit, train_runs
+from rankkit.train.hparams import check_loop_options, resolve_hparams
 from rankkit.utils import count_parameters, set_submodule
 
 __all__ = [
@@ -414,7 +414,7 @@ def max_batch_runs(
         Free memory to plan with, instead of asking the device.
     """
     dev = resolve_device(device)
-    hp = _hparams(task, batch_size=batch_size)
+    hp = resolve_hparams(task, batch_size=batch_size)
     cap = max_runs if max_runs is not None else DEFAULT_MAX_RUNS.get(dev.type, 8)
     if cap < 1:
         raise ValueError(f"max_batch_runs: max_runs must be at least 1, got {cap}.")
@@ -450,6 +450,8 @@ def fit_batched(
     device: str | torch.device = "auto",
     progress: bool = False,
     eval_every: int = 1,
+    lr_overrides: Mapping[str, float] | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> list[BatchedRun]:
     """Train K LoRA runs on the same task and frozen base simultaneously.
 
@@ -478,13 +480,16 @@ def fit_batched(
         weights alone (not ``"pissa"``).
     seeds : sequence of int
         One per run (repeats allowed).
-    epochs, lr, batch_size, weight_decay, schedule, warmup, grad_clip, eval_every
-        As in :func:`rankkit.train.fit`, shared by all runs.
+    epochs, lr, batch_size, weight_decay, schedule, warmup, grad_clip, eval_every, lr_overrides
+        As in :func:`rankkit.train.fit`, shared by all runs. The loop is
+        :func:`rankkit.train.train_runs`, the one ``fit`` runs; one config is ``fit`` itself.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``... On CUDA the forward pass runs under bf16
         autocast when supported, like ``fit``.
     progress : bool
         Show a progress bar over the batch's steps.
+    on_epoch : callable, optional
+        ``on_epoch(epoch, epochs)`` after each epoch (a sweep's progress bar uses it).
 
     Returns
     -------
@@ -510,165 +515,140 @@ def fit_batched(
             raise TypeError(
                 f"fit_batched: configs must be LoraConfig, got {type(config).__name__}."
             )
-    hp = _hparams(
+    hparams = {
+        "epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay,
+        "schedule": schedule, "warmup": warmup, "grad_clip": grad_clip, "device": device,
+        "eval_every": eval_every, "lr_overrides": lr_overrides, "progress": progress,
+        "on_epoch": on_epoch,
+    }  # fmt: skip
+    if len(configs) == 1:  # K = 1 is fit itself: nothing to stack
+        run = prepare_run(task, "lora", seeds[0], lora_config=configs[0])
+        return [BatchedRun(run.model, fit(run.model, task, seed=seeds[0], **hparams))]
+    hp = resolve_hparams(
         task, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
         schedule=schedule, warmup=warmup,
     )  # fmt: skip
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"fit_batched: grad_clip must be positive or None, got {grad_clip!r}.")
-    if not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"fit_batched: eval_every must be a positive int, got {eval_every!r}.")
+    check_loop_options(grad_clip, eval_every)
 
     start = time.perf_counter()
     dev = resolve_device(device)
-    K = len(configs)
     model, runs = _initial_runs(task, configs, seeds)  # runs share model's frozen weights
     layers, heads = _stack_adapters(model, runs)
     model.to(dev)
     for run in runs:
         _share_frozen(run, model, check=False)  # .to() keeps them shared; make sure
         run.to(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    autocast = functools.partial(autocast_for, dev)
-
-    stacked = [p for p in model.parameters() if p.requires_grad]
-    # Weight decay by each run's own tensor: a matrix per run decays, a vector does not.
-    # The fused kernel does AdamW's element-wise update in one pass over each tensor.
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [p for p in stacked if p.ndim - 1 >= 2], "weight_decay": hp["weight_decay"]},
-            {"params": [p for p in stacked if p.ndim - 1 < 2], "weight_decay": 0.0},
-        ],
-        lr=hp["lr"],
-        fused=dev.type in ("cpu", "cuda"),
-    )
-    train = task.splits()["train"]
-    orders = _DataOrders(len(train), hp["batch_size"], seeds)
-    total_steps = hp["epochs"] * orders.steps_per_epoch
-    warmup_steps = round(hp["warmup"] * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, total_steps, warmup_steps, hp["schedule"])
-    )
-    key = f"val_{task.metric_name}"
-    # Per-run random numbers (CPU). fit seeds the global generator with the run's seed;
-    # then its validation (task.evaluate) and its dropout masks draw from it in turn.
-    # Here each run has a generator seeded the same way, which its dropout masks
-    # (PerRunRandomness) and its validations (_run_rng) draw from in the same order.
-    # On CUDA, dropout uses the shared CUDA generator instead.
-    generators = [torch.Generator().manual_seed(s) for s in seeds] if dev.type == "cpu" else None
-    rng_mode = PerRunRandomness(generators) if generators else None
-    fast_eval = _is_plain_accuracy(task)
-
-    def validate() -> list[float]:
-        if fast_eval:
-            with autocast():
-                scores = _batched_accuracy(task, model, "val", K, dev)
-        else:
-            scores = []
-            for k, run in enumerate(runs):
-                _copy_into(run, k, layers, heads)
-                with autocast(), _run_rng(generators, k):
-                    scores.append(float(task.evaluate(run, "val", device=dev)))
-        if fast_eval and rng_mode is not None:
-            for k in range(K):  # what Task.evaluate draws: the seed of its DataLoader iterator
-                with _run_rng(generators, k):
-                    iter(DataLoader(task.splits()["val"], batch_size=256))
-        return scores
-
-    flush = dev.type == "cpu" and torch.set_flush_denormal(True)
-    try:
-        best_score = validate()
-        best_epoch = [0] * K
-        best_state = [p.detach().clone() for p in stacked]
-        elapsed = time.perf_counter() - start
-        histories: list[list[dict[str, float]]] = [
-            [{"epoch": 0, key: s, "elapsed_s": elapsed}] for s in best_score
-        ]
-        bar = _progress_bar(total_steps, f"{getattr(task, 'name', 'fit')} x{K} runs", progress)
-        sum_dtype = torch.float32 if dev.type == "mps" else torch.float64
-        for epoch in range(1, hp["epochs"] + 1):
-            model.train()
-            loss_sum = torch.zeros(K, dtype=sum_dtype, device=dev)
-            n_batches = 0
-            for index in orders.epoch():
-                inputs, targets = to_device(_gather(train, index), dev)
-                with autocast():
-                    with rng_mode or contextlib.nullcontext():
-                        outputs = model(inputs)
-                    # Each run's own mean loss on its own rows; their sum has, for every
-                    # run's parameters, exactly that run's gradient.
-                    losses = _per_run_losses(task, outputs, inputs, targets, K)
-                if rng_mode is not None and rng_mode.draws == 0:
-                    rng_mode = None  # the forward pass draws nothing: no need to split
-                optimizer.zero_grad(set_to_none=True)
-                losses.sum().backward()
-                if grad_clip is not None:
-                    _clip_per_run(stacked, K, grad_clip)
-                optimizer.step()
-                scheduler.step()
-                loss_sum += losses.detach().to(sum_dtype)
-                n_batches += 1
-                bar.update(1)
-            lr_now = optimizer.param_groups[0]["lr"]
-            rows = [
-                {"epoch": epoch, "train_loss": float(s) / max(1, n_batches), "lr": lr_now}
-                for s in loss_sum.tolist()
-            ]
-            if epoch % eval_every == 0 or epoch == hp["epochs"]:
-                scores = validate()
-                improved = [k for k in range(K) if scores[k] > best_score[k]]
-                for k in range(K):
-                    rows[k][key] = scores[k]
-                for k in improved:
-                    best_score[k], best_epoch[k] = scores[k], epoch
-                if improved:
-                    index = torch.tensor(improved, device=dev)
-                    with torch.no_grad():
-                        for best, p in zip(best_state, stacked):
-                            best[index] = p.detach()[index]
-            elapsed = time.perf_counter() - start
-            for history, row in zip(histories, rows):
-                row["elapsed_s"] = elapsed
-                history.append(row)
-        bar.close()
-        with torch.no_grad():  # every run's best weights, into its standalone model
-            for p, best in zip(stacked, best_state):
-                p.copy_(best)
-        results = []
-        for k, run in enumerate(runs):
-            _copy_into(run, k, layers, heads)
-            with autocast():
-                metrics = {
-                    key: float(task.evaluate(run, "val", device=dev)),
-                    f"test_{task.metric_name}": float(task.evaluate(run, "test", device=dev)),
-                }
-            run.train()
-            results.append(metrics)
-    finally:
-        if flush:
-            torch.set_flush_denormal(False)
+    stacked = StackedRuns(task, model, runs, layers, heads, seeds, dev)
+    results = train_runs(
+        stacked, task, hp, seeds, dev, grad_clip=grad_clip, eval_every=eval_every,
+        lr_overrides=lr_overrides, fused=dev.type in ("cpu", "cuda"), progress=progress,
+        on_epoch=on_epoch, start=start,
+    )  # fmt: skip
     for run in runs:  # give each returned model its own copy of the frozen base
         _unshare_frozen(run)
-    wall = time.perf_counter() - start
-    peak = peak_memory_mb(dev)
-    return [
-        BatchedRun(
-            run,
-            TrainResult(
-                metrics=metrics,
-                history=history,
-                trainable_params=sum(p.numel() for p in run.parameters() if p.requires_grad),
-                total_params=count_parameters(run).total,
-                wall_time_s=wall / K,
-                peak_memory_mb=peak,
-                device=str(dev),
-                best_epoch=epoch_k,
-                hparams={**hp, "grad_clip": grad_clip, "seed": seed},
-            ),
+    return [BatchedRun(run, result) for run, result in zip(runs, results)]
+
+
+class StackedRuns:
+    """:class:`rankkit.train.Runs` for K LoRA runs stacked into one model (K > 1).
+
+    ``model`` holds the shared frozen base with every adapted layer replaced by a
+    :class:`MultiLoRALinear` and every trained head by a :class:`MultiLinear`;
+    ``runs[k]`` is run ``k``'s standalone model (the reference recipe's), sharing
+    the base's frozen tensors, into which its slices are copied for evaluation.
+    """
+
+    run_dims = 1
+
+    def __init__(
+        self,
+        task,
+        model: nn.Module,
+        runs: list[nn.Module],
+        layers: dict[str, MultiLoRALinear],
+        heads: dict[str, MultiLinear],
+        seeds: Sequence[int],
+        device: torch.device,
+    ) -> None:
+        self.task, self.model, self.runs, self.device = task, model, runs, device
+        self.layers, self.heads = layers, heads
+        self.num_runs = K = len(runs)
+        self.desc = f"{getattr(task, 'name', 'fit')} x{K} runs"
+        self.stacked = [p for p in model.parameters() if p.requires_grad]
+        self.best: list[torch.Tensor] = []
+        # Per-run random numbers (CPU). fit seeds the global generator with the run's
+        # seed; then its validation (task.evaluate) and its dropout masks draw from it
+        # in turn. Here each run has a generator seeded the same way, which its dropout
+        # masks (PerRunRandomness) and its validations (_run_rng) draw from in the same
+        # order. On CUDA, dropout uses the shared CUDA generator instead.
+        self.generators = (
+            [torch.Generator().manual_seed(s) for s in seeds] if device.type == "cpu" else None
         )
-        for run, metrics, history, epoch_k, seed in zip(runs, results, histories, best_epoch, seeds)
-    ]
+        self.rng_mode = PerRunRandomness(self.generators) if self.generators else None
+        self.fast_eval = _is_plain_accuracy(task)
+
+    def losses(self, batch) -> torch.Tensor:
+        inputs, targets = batch
+        with self.rng_mode or contextlib.nullcontext():
+            outputs = self.model(inputs)
+        if self.rng_mode is not None and self.rng_mode.draws == 0:
+            self.rng_mode = None  # the forward pass draws nothing: no need to split
+        # Each run's own mean loss on its own rows; their sum has, for every run's
+        # parameters, exactly that run's gradient.
+        return _per_run_losses(self.task, outputs, inputs, targets, self.num_runs)
+
+    def clip(self, max_norm: float) -> None:
+        _clip_per_run(self.stacked, self.num_runs, max_norm)
+
+    def validate(self) -> list[float]:
+        task, K, dev = self.task, self.num_runs, self.device
+        if self.fast_eval:
+            with autocast_for(dev):
+                scores = _batched_accuracy(task, self.model, "val", K, dev)
+            if self.generators is not None:
+                for k in range(K):  # what Task.evaluate draws: its DataLoader iterator's seed
+                    with _run_rng(self.generators, k):
+                        iter(DataLoader(task.splits()["val"], batch_size=256))
+            return scores
+        scores = []
+        for k, run in enumerate(self.runs):
+            _copy_into(run, k, self.layers, self.heads)
+            with autocast_for(dev), _run_rng(self.generators, k):
+                scores.append(float(task.evaluate(run, "val", device=dev)))
+        return scores
+
+    @torch.no_grad()
+    def keep(self, runs: list[int]) -> None:
+        if not self.best:
+            self.best = [p.detach().clone() for p in self.stacked]
+            return
+        index = torch.tensor(runs, device=self.device)
+        for best, p in zip(self.best, self.stacked):
+            best[index] = p.detach()[index]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for p, best in zip(self.stacked, self.best):
+            p.copy_(best)
+
+    def final_metrics(self, best: list[float]) -> list[dict[str, float]]:
+        """Every run's metrics on its own standalone model, through the single-run code."""
+        task, dev, metrics = self.task, self.device, []
+        for k, run in enumerate(self.runs):
+            _copy_into(run, k, self.layers, self.heads)
+            with autocast_for(dev):
+                metrics.append(
+                    {
+                        f"val_{task.metric_name}": float(task.evaluate(run, "val", device=dev)),
+                        f"test_{task.metric_name}": float(task.evaluate(run, "test", device=dev)),
+                    }
+                )
+            run.train()
+        return metrics
+
+    def parameter_counts(self, k: int) -> tuple[int, int]:
+        counts = count_parameters(self.runs[k])
+        return counts.trainable, counts.total
 
 
 # --------------------------------------------------------------------------- helpers
@@ -683,55 +663,6 @@ class _Outputs(nn.Module):
 
     def forward(self, _inputs) -> torch.Tensor:
         return self.outputs
-
-
-class _Indices(torch.utils.data.Dataset):
-    """The dataset ``0, 1, ..., n-1``, fetched a whole batch at a time."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-    def __getitems__(self, indices: list[int]) -> list[int]:
-        return list(indices)
-
-
-class _DataOrders:
-    """Every run's data order, exactly as ``fit``'s shuffled ``DataLoader`` draws it.
-
-    ``fit`` iterates ``DataLoader(train, batch_size, shuffle=True, generator=g)`` with
-    ``g`` seeded by the run's seed. The order depends only on the dataset's length
-    and ``g``, and the batches are consecutive pieces of one permutation per epoch.
-    A loader over the indices ``0..n-1`` with ``batch_size=n`` and an identically seeded
-    generator draws that same permutation (and advances ``g`` the same way) in one
-    call per epoch, instead of one call per step.
-    """
-
-    def __init__(self, n: int, batch_size: int, seeds: Sequence[int]) -> None:
-        self.batch_size = batch_size
-        self.steps_per_epoch = -(-n // batch_size)
-        self.loaders = [
-            DataLoader(
-                _Indices(n),
-                batch_size=n,
-                shuffle=True,
-                generator=torch.Generator().manual_seed(s),
-                collate_fn=torch.tensor,
-            )
-            for s in seeds
-        ]
-
-    def epoch(self):
-        """Yield, per step, the indices of all runs' batches: run ``k``'s are the ``k``-th block."""
-        # Exhausting each loader (list) matters: the sampler's last call advances the generator.
-        perms = torch.stack([torch.cat(list(loader)) for loader in self.loaders])  # (K, n)
-        for block in perms.split(self.batch_size, dim=1):
-            yield block.reshape(-1)
 
 
 def _per_run_losses(task, outputs, inputs, targets, K: int) -> torch.Tensor:
@@ -963,13 +894,6 @@ def _copy_into(
         head.weight.copy_(multi.weight[k])
         if head.bias is not None:
             head.bias.copy_(multi.bias[k])
-
-
-def _gather(dataset, index: torch.Tensor):
-    """The examples ``index`` of ``dataset`` as one batch ``(inputs, targets)``."""
-    if isinstance(dataset, TensorDataset):
-        return tuple(t[index] for t in dataset.tensors)
-    return default_collate([dataset[i] for i in index.tolist()])
 
 
 @torch.no_grad()

@@ -9,6 +9,8 @@ masks must also be its own).
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -219,6 +221,65 @@ def test_batched_runs_match_single_runs_on_the_topics_transformer():
     # time there, unless a batch size is asked for.
     assert max_batch_runs(task, configs[1], device="cpu", memory_bytes=10**12) == 1
     assert max_batch_runs(task, configs[1], device="cpu", memory_bytes=10**12, max_runs=4) == 4
+
+
+# --------------------------------------------------------------------------- one loop, two paths
+
+
+def test_fit_batched_with_one_run_is_fit_exactly():
+    """K = 1 is fit itself: the same recipe and the same loop, bit for bit."""
+    task = TinyTransformerTask()
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], modules_to_save=["head"])
+    (run,) = fit_batched(task, [config], [3], device="cpu", epochs=2)
+    model, result = reference(task, config, 3, epochs=2)
+    assert run.result.metrics == result.metrics and run.result.best_epoch == result.best_epoch
+    strip = [{k: v for k, v in row.items() if k != "elapsed_s"} for row in result.history]
+    assert [{k: v for k, v in row.items() if k != "elapsed_s"} for row in run.result.history] == (
+        strip
+    )
+    want, have = lora_state_dict(model), lora_state_dict(run.model)
+    assert want.keys() == have.keys()
+    assert all(torch.equal(have[k], want[k]) for k in want)
+
+
+def _train(path: str, task, configs, seeds, **kwargs):
+    """Train ``configs`` one by one with fit (the reference recipe), or together."""
+    if path == "fit_batched":
+        return [r.result for r in fit_batched(task, configs, seeds, device="cpu", **kwargs)]
+    return [reference(task, c, s, **kwargs)[1] for c, s in zip(configs, seeds)]
+
+
+@pytest.mark.parametrize("path", ["fit", "fit_batched"])
+def test_lr_overrides_work_in_both_paths(path):
+    task = get_task("digits")
+    configs = [
+        LoraConfig(r=r, lora_alpha=r, target_modules="all-linear", modules_to_save=["head"])
+        for r in (1, 4)
+    ]
+    # A head frozen in place (rate 1e-12) next to adapters at 1e-2: the head barely moves.
+    results = _train(path, task, configs, [0, 1], epochs=1, lr=1e-2, lr_overrides={"head": 1e-12})
+    assert all(r.hparams["lr_overrides"] == {"head": 1e-12} for r in results)
+    if path == "fit_batched":  # the same runs trained alone, with the same override
+        alone = _train(
+            "fit", task, configs, [0, 1], epochs=1, lr=1e-2, lr_overrides={"head": 1e-12}
+        )
+        assert [r.metrics for r in results] == [r.metrics for r in alone]
+    with pytest.raises(ValueError, match="lr_overrides key 'haed' matches no trainable"):
+        _train(path, task, configs, [0, 1], epochs=1, lr_overrides={"haed": 0.1})
+
+
+@pytest.mark.parametrize("path", ["fit", "fit_batched"])
+def test_a_diverging_run_stops_with_advice_in_both_paths(path):
+    task = get_task("digits")
+    # alpha = inf: s * B A x = inf * 0 is NaN from the first step, in run 1 only.
+    configs = [
+        LoraConfig(r=2, lora_alpha=a, target_modules="all-linear", modules_to_save=["head"])
+        for a in (2, math.inf)
+    ]
+    with pytest.raises(ValueError, match=r"diverged\. Lower the learning rate") as err:
+        _train(path, task, configs, [0, 0], epochs=1)
+    if path == "fit_batched":
+        assert "run(s) [1]" in str(err.value)
 
 
 # --------------------------------------------------------------------------- the pieces

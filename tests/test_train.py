@@ -16,8 +16,6 @@ from rankkit.cli import main
 from rankkit.tasks import get_task, load_base_weights
 from rankkit.train import (
     TrainResult,
-    _lr_factor,
-    _param_groups,
     count_parameters,
     fit,
     freeze_all_but,
@@ -25,6 +23,8 @@ from rankkit.train import (
     resolve_device,
     set_seed,
 )
+from rankkit.train.hparams import lr_factor
+from rankkit.train.optim import param_groups
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -194,23 +194,23 @@ def test_eval_every_skips_validation_between_evaluated_epochs():
 
 def test_warmup_then_cosine_learning_rate():
     total, warm = 100, 10
-    factors = [_lr_factor(s, total, warm, "cosine") for s in range(total)]
+    factors = [lr_factor(s, total, warm, "cosine") for s in range(total)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert factors[10] == pytest.approx(1.0) and factors[-1] < 0.001
     assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
-    assert _lr_factor(50, total, warm, "constant") == 1.0
+    assert lr_factor(50, total, warm, "constant") == 1.0
 
 
 def test_lr_overrides_give_named_parameters_their_own_rate():
     model = get_task("digits").build_model()
     named = list(model.named_parameters())
-    plain = _param_groups(named, 1e-3, 0.01)
+    plain = param_groups(named, 1e-3, 0.01)
     # Without overrides: matrices (decayed) then vectors, all at lr -- the classic two groups.
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain] == [
         (1e-3, 0.01, 3),
         (1e-3, 0.0, 3),
     ]
-    groups = _param_groups(named, 1e-3, 0.01, {"head": 0.1, "head.bias": 0.5})
+    groups = param_groups(named, 1e-3, 0.01, {"head": 0.1, "head.bias": 0.5})
     rate = {id(p): g["lr"] for g in groups for p in g["params"]}
     assert rate[id(model.head.weight)] == 0.1
     assert rate[id(model.head.bias)] == 0.5  # the longest matching key wins
@@ -269,7 +269,7 @@ def test_progress_bar_reports_to_stderr(capsys):
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"epochs": 0}, "epochs must be a positive int"),
         ({"batch_size": 2.5}, "batch_size must be a positive int"),
-        ({"schedule": "linear"}, r"schedule must be one of \('cosine', 'constant'\)"),
+        ({"schedule": "linear"}, "unknown schedule 'linear'.*choose one of cosine, constant"),
         ({"warmup": 1.5}, r"warmup is a fraction"),
         ({"grad_clip": 0}, "grad_clip must be positive or None"),
         ({"eval_every": 0}, "eval_every must be a positive int"),
