@@ -1010,16 +1010,32 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     )
     table["rank"] = table["rank"].map(lambda r: "-" if r == -1 else int(r))
     full, frozen = _references(results)
-    if full is not None and frozen is not None and full != frozen:
+    if full is not None and frozen is not None and full > frozen:
         table["gain"] = (table["test_mean"] - frozen) / (full - frozen)
     return table
+
+
+#: Slack of "reaches the threshold": a mean equal to ``frozen + f (full - frozen)`` up to
+#: float round-off counts as reaching it (0.86 with frozen 0.5, full 0.9 and f = 0.9).
+GAIN_TOLERANCE = 1e-9
+
+
+def _reaches(mean, frozen, full, fraction: float):
+    """Whether ``mean >= frozen + fraction (full - frozen)``, up to :data:`GAIN_TOLERANCE`.
+
+    Works on floats and on NumPy arrays alike.
+    """
+    return mean >= frozen + fraction * (full - frozen) - GAIN_TOLERANCE
 
 
 def rank_for_gain(results: pd.DataFrame, fraction: float, targets: str | None = None) -> int | None:
     """Smallest LoRA rank whose mean test metric reaches ``fraction`` of the full-FT gain.
 
-    gain(r) = (mean metric at r - frozen base) / (full fine-tuning - frozen base).
-    Returns ``None`` if no rank reaches it (or the baselines are missing).
+    gain(r) = (mean metric at r - frozen base) / (full fine-tuning - frozen base); a rank
+    reaches ``fraction`` when its mean is at least ``frozen + fraction (full - frozen)``
+    (compared directly, with a round-off tolerance, not as a ratio). Returns ``None`` if no
+    rank reaches it, the baselines are missing, or full fine-tuning is not above the
+    frozen base (no gain to reach).
     """
     full, frozen = _references(results)
     if full is None or frozen is None or full <= frozen:
@@ -1029,7 +1045,7 @@ def rank_for_gain(results: pd.DataFrame, fraction: float, targets: str | None = 
         ok = ok[ok["targets"] == targets]
     means = ok.groupby("rank")["test_metric"].mean().sort_index()
     for rank, mean in means.items():
-        if (mean - frozen) / (full - frozen) >= fraction:
+        if _reaches(mean, frozen, full, fraction):
             return int(rank)
     return None
 
@@ -1079,11 +1095,9 @@ def rank_for_gain_interval(
 
     full_b, frozen_b = resampled_means(full), resampled_means(frozen)
     ranks = sorted(by_rank)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gains = np.stack(
-            [(resampled_means(by_rank[r]) - frozen_b) / (full_b - frozen_b) for r in ranks], axis=1
-        )
-    reached = (gains >= fraction) & (full_b > frozen_b)[:, None]
+    means_b = np.stack([resampled_means(by_rank[r]) for r in ranks], axis=1)
+    reached = _reaches(means_b, frozen_b[:, None], full_b[:, None], fraction)
+    reached &= (full_b > frozen_b)[:, None]
     first = np.where(
         reached.any(axis=1), np.asarray(ranks, float)[reached.argmax(axis=1)], math.inf
     )
@@ -1117,6 +1131,10 @@ def format_summary(results: pd.DataFrame) -> str:
             "against: the table shows each rank's test metric only (sweep without "
             "--no-baselines for the rank reaching 90%/95% of the gain)"
         )
+        lora_targets = []
+    full, frozen = _references(results)
+    if not missing and len(lora_targets) and full <= frozen:
+        lines.append(_full_below_frozen(results, full, frozen, metric))
         lora_targets = []
     for targets in lora_targets:
         parts = []
@@ -1155,6 +1173,26 @@ def format_summary(results: pd.DataFrame) -> str:
     if len(errors):
         lines.append(f"{len(errors)} run(s) failed; see the 'error' column of results.csv")
     return "\n".join(lines)
+
+
+def _full_below_frozen(results: pd.DataFrame, full: float, frozen: float, metric: str) -> str:
+    """What happened when full fine-tuning did not beat the frozen base (no gain to measure)."""
+    lora = results[(results["status"] == "ok") & (results["method"] == "lora")]
+    means = lora.groupby(["targets", "rank"])["test_metric"].mean()
+    (targets, rank), best = means.idxmax(), float(means.max())
+    verdict = (
+        "above both baselines"
+        if best > frozen
+        else "above full fine-tuning, below the frozen base"
+        if best > full
+        else "below both baselines"
+    )
+    return (
+        f"full fine-tuning ({metric} {full:.4g}) did not beat the frozen base ({frozen:.4g}), "
+        "so there is no full-FT gain to measure ranks against; LoRA's best mean is "
+        f"{best:.4g} (targets {targets}, r={int(rank)}), {verdict}. Full fine-tuning may need a "
+        "lower --full-lr or more --epochs."
+    )
 
 
 def load_results(directory: str | os.PathLike) -> pd.DataFrame:
