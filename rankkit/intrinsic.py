@@ -456,6 +456,29 @@ class IntrinsicDimensionResult:
         )
 
 
+def _bisection_midpoint(failing: int, passing: int) -> int:
+    """The next d to try between a failing and a passing d: their geometric mean."""
+    mid = round(math.sqrt(max(failing, 1) * passing))
+    return min(max(mid, failing + 1), passing - 1)
+
+
+def _bisection_steps(failing: int, passing: int, rtol: float) -> int:
+    """About how many steps the bisection will take (for a progress bar's total).
+
+    The longer of the two extreme paths, every step passing or every step failing;
+    mixed paths take about as many.
+    """
+    longest = 0
+    for always_passes in (True, False):
+        low, high, steps = failing, passing, 0
+        while high - low > max(1, rtol * high):
+            mid = _bisection_midpoint(low, high)
+            low, high = (low, mid) if always_passes else (mid, high)
+            steps += 1
+        longest = max(longest, steps)
+    return longest
+
+
 def search_intrinsic_dimension(
     score: Callable[[int, int], float],
     threshold: float,
@@ -497,7 +520,11 @@ def search_intrinsic_dimension(
                 f"d={x} is below the smallest valid d={d_min} (mode='said' needs d > m)."
             )
     rows: list[dict[str, Any]] = []
-    bar = tqdm(desc=desc, unit="run", disable=not progress, leave=False)
+    # The total: the coarse grid (it may stop early), then, once it has bracketed d90,
+    # the runs done plus about as many as the bisection has left.
+    bar = tqdm(
+        total=len(dims) * len(seeds), desc=desc, unit="run", disable=not progress, leave=False
+    )
 
     def mean_at(d: int, stage: str) -> float:
         values = []
@@ -535,12 +562,14 @@ def search_intrinsic_dimension(
 
     if passing is not None:
         while passing - failing > max(1, rtol * passing):
-            mid = round(math.sqrt(max(failing, 1) * passing))
-            mid = min(max(mid, failing + 1), passing - 1)
+            bar.total = bar.n + len(seeds) * _bisection_steps(failing, passing, rtol)
+            bar.refresh()
+            mid = _bisection_midpoint(failing, passing)
             if mean_at(mid, "bisect") >= threshold:
                 passing = mid
             else:
                 failing = mid
+    bar.total = bar.n
     bar.close()
     curve = pd.DataFrame(rows, columns=["d", "seed", "metric", "stage", "seconds"])
     return curve, passing, (failing, passing)

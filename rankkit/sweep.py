@@ -12,11 +12,17 @@ the frozen base, 1 means as good as full fine-tuning. :func:`rank_for_gain` read
 the smallest rank reaching 90% or 95% of the gain, and :func:`rank_for_gain_interval`
 says how much that answer moves when the seeds are resampled (a bootstrap).
 
-Results are crash-safe. Each finished run is appended to ``results.csv`` by rewriting
+Results are crash-safe. Each finished run is merged into ``results.csv`` by writing
 the file to a temporary name and renaming it over the old one (an atomic operation),
 so killing the process at any moment loses at most the runs in flight and never
 leaves a half-written file. Running the same sweep into the same directory skips the
 runs already recorded as ``ok`` and retries those recorded as ``error``.
+
+A directory is safe under concurrency: several processes (terminals, or machines
+sharing a filesystem with working file locks) may run the same sweep into it at once.
+Each run is claimed by exactly one process through a lock on ``.claims/<run_id>``,
+which the operating system releases if that process dies; rows are merged under the
+directory's lock (``.lock``), and a finished row is never replaced by an error.
 
 Executors: ``local`` runs in this process (``jobs=1``) or in ``jobs`` worker processes;
 ``ray`` submits one task per run to a Ray cluster (``ray_address``) or a local Ray
@@ -750,13 +756,14 @@ def run_sweep(
     )
     ran: list[str] = []
     settled: set[str] = set()
+    shown: dict[str, float] = {}  # the part of a batched run the bar already shows
 
     def done(row: dict[str, Any]) -> None:
         store.record(row)
         claims.release(row["run_id"], done=True)
         settled.add(row["run_id"])
         ran.append(row["run_id"])
-        bar.update(1)
+        bar.update(1 - shown.pop(row["run_id"], 0.0))
         if row["status"] != "ok":
             log(f"run {row['run_id']} failed: {row['error']}")
 
@@ -788,8 +795,16 @@ def run_sweep(
         elif len(group) == 1:
             done(_safe_run(runner, group[0], config, str(out_dir)))
         elif group:
-            for row in _run_batched(group, config, str(out_dir), log):
+
+            def on_epoch(epoch: int, epochs: int) -> None:
+                # A batched group's epochs move the bar by fractions of its runs.
+                bar.set_postfix_str(f"{len(group)} runs batched: epoch {epoch}/{epochs}", False)
+                bar.update(len(group) * epoch / epochs - sum(shown.get(s.run_id, 0) for s in group))
+                shown.update(dict.fromkeys((s.run_id for s in group), epoch / epochs))
+
+            for row in _run_batched(group, config, str(out_dir), log, on_epoch=on_epoch):
                 done(row)
+            bar.set_postfix_str("")
 
     try:
         # Parallel executors take every run they can claim at once; sequential training
@@ -867,13 +882,17 @@ def _batch_groups(
 
 
 def _run_batched(
-    specs: list[RunSpec], config: SweepConfig, out_dir: str, log: Callable[[str], None]
+    specs: list[RunSpec],
+    config: SweepConfig,
+    out_dir: str,
+    log: Callable[[str], None],
+    on_epoch: Callable[[int, int], None] | None = None,
 ):
     """Train LoRA runs together with :func:`rankkit.batched.fit_batched`; yield their rows.
 
     Each row is what :func:`run_one` returns for that run. If the batch fails as a
     whole, its runs are trained one by one instead, so a bad run is recorded as an
-    ``error`` row and the others still finish.
+    ``error`` row and the others still finish. ``on_epoch`` goes to ``fit_batched``.
     """
 
     task = get_task(config.task)
@@ -881,6 +900,7 @@ def _run_batched(
         trained = fit_batched(
             task, [_lora_config(s, config, task) for s in specs], [s.seed for s in specs],
             epochs=config.epochs, lr=method_lr(task, "lora", config.lr), device=config.device,
+            on_epoch=on_epoch,
         )  # fmt: skip
     except Exception as err:  # fall back to single runs; their errors become rows
         log(
