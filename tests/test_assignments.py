@@ -6,8 +6,15 @@ For every assignment, CI checks that
 * the generated student version fails at, and only at, the cells a student must fill
   (every test cell fails; nothing else but the students' own cells raises);
 * autograding the instructor version gives full marks;
-* typical mistakes (squared singular values in the entropy rank, a forgotten alpha / r,
-  a non-normalised projection...) lose the points of the right cell, with a helpful message.
+* each classic mistake (squared singular values in the entropy rank, s instead of s**2 in
+  the energy rank, no Marchenko-Pastur correction, a forgotten alpha / r, B A formed in
+  forward, a non-normalised projection...) costs exactly the points of its own cell, with a
+  message that names the cause; downstream cells (tables, training, measurements) keep theirs;
+* a student whose functions only call rankkit loses exactly those functions' points, with a
+  message saying why (rankkit's implementation is switched off while a cell grades yours);
+* the nbgrader workflow of docs/teaching.md runs as written in a fresh course directory
+  (generate_assignment, student, release / fetch / submit / collect, autograde, export,
+  feedback), and each step leaves its mark.
 
 The tests that execute notebooks are marked ``slow`` (each notebook runs in well under a
 minute); the format checks are fast. They need the ``notebooks`` extra
@@ -16,10 +23,15 @@ minute); the format checks are fast. They need the ``notebooks`` extra
 
 from __future__ import annotations
 
+import csv
 import functools
+import getpass
+import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -113,12 +125,29 @@ def test_nbgrader_metadata(path):
         assert meta["points"] > 0 and meta["locked"], _grade_id(cell)
         visible, _, rest = cell.source.partition("### BEGIN HIDDEN TESTS")
         assert "assert" in visible, f"{_grade_id(cell)}: no visible tests"
-        assert "### END HIDDEN TESTS" in rest and "assert" in rest, (
-            f"{_grade_id(cell)}: no hidden tests"
-        )
+        hidden, end, _ = rest.partition("### END HIDDEN TESTS")
+        code = [
+            line
+            for line in hidden.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+        assert end and code, f"{_grade_id(cell)}: no hidden tests"
     for cell in solutions:
         assert cell.cell_type == "code" and "### BEGIN SOLUTION" in cell.source, _grade_id(cell)
         assert not coursetools.nbgrader_meta(cell).get("grade"), "answers are graded by test cells"
+
+
+def test_every_assignment_has_the_same_grading_helpers():
+    """rankkit_switched_off and substituted: one text, locked, right after the imports."""
+    helpers = []
+    for path in SOURCES:
+        nb = coursetools.read(path)
+        ids = [_grade_id(c) for c in nb.cells if coursetools.nbgrader_meta(c)]
+        assert ids[:2] == ["setup", "grading_helpers"], path.name
+        cell = next(c for c in nb.cells if _grade_id(c) == "grading_helpers")
+        assert coursetools.nbgrader_meta(cell)["locked"]
+        helpers.append(cell.source)
+    assert len(set(helpers)) == 1, "the grading_helpers cells of the assignments differ"
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=IDS)
@@ -164,6 +193,56 @@ def test_restore_locked_cells_undoes_tampering():
     assert by_id[_grade_id(solution)].source == solution.source, "answers are the student's"
     order = [_grade_id(c) for c in restored.cells if coursetools.nbgrader_meta(c)]
     assert order == [_grade_id(c) for c in source.cells if coursetools.nbgrader_meta(c)]
+
+
+def test_grading_outputs_are_git_ignored():
+    """release/, the gradebook, the grading folders and nbgrader export's grades.csv."""
+    repo = ASSIGNMENTS.parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("needs a git checkout")
+    outputs = ["release/x.ipynb", "gradebook.db", "submitted/a/x.ipynb", "autograded/a/x.ipynb"]
+    outputs += ["feedback/a/x.html", "grades.csv"]
+    for name in outputs:
+        path = (ASSIGNMENTS / name).relative_to(repo)
+        run = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=repo)
+        assert run.returncode == 0, f"{path} is not git-ignored"
+
+
+@pytest.mark.slow
+def test_the_wheel_students_install_holds_no_assignment_sources(tmp_path):
+    """A wheel built from the whole checkout contains rankkit only: no solutions, no hidden tests."""
+    repo = ASSIGNMENTS.parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("needs a git checkout")
+    pytest.importorskip("setuptools")  # build offline, with this environment's backend
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    src = tmp_path / "src"
+    for name in files:
+        if (repo / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / name, src / name)
+    assert (src / "notebooks" / "assignments" / "source").is_dir()
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    build = ["wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")]
+    subprocess.run([*pip, *build], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("rankkit-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {name.split("/")[0] for name in names} == {
+        "rankkit",
+        wheel.name.split("-py")[0] + ".dist-info",
+    }
+    leaks = [
+        n for n in names if n.endswith(".ipynb") or "assignments" in n or "BEGIN SOLUTION" in n
+    ]
+    assert not leaks, f"the wheel holds assignment files: {leaks}"
+    for name in names:
+        assert b"### BEGIN HIDDEN TESTS" not in zipfile.ZipFile(wheel).read(name), name
 
 
 # --------------------------------------------------------------------------- the runner
@@ -259,29 +338,124 @@ def test_grade_cli_exit_status(tmp_path, capsys):
 # --------------------------------------------------------------------------- nbgrader itself
 
 
-@pytest.mark.slow
-def test_matches_nbgrader_generate_assignment(tmp_path):
-    """``nbgrader generate_assignment`` (with its gradebook) writes exactly what build.py writes."""
-    course = tmp_path / "course"
-    (course / "source").mkdir(parents=True)
-    (course / "nbgrader_config.py").write_text((ASSIGNMENTS / "nbgrader_config.py").read_text())
-    for src in SOURCES:
-        (course / "source" / src.parent.name).mkdir(exist_ok=True)
-        (course / "source" / src.parent.name / src.name).write_bytes(src.read_bytes())
-    env = dict(os.environ)
-    # nbgrader runs the `alembic` executable installed next to this interpreter.
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    for src in SOURCES:
-        run = subprocess.run(
-            [sys.executable, "-m", "nbgrader", "generate_assignment", src.parent.name],
-            cwd=course,
-            env=env,
-            capture_output=True,
-            text=True,
+def _nbgrader(*args, cwd, env):
+    """Run an nbgrader command; return its combined output, failing the test on a non-zero exit."""
+    run = subprocess.run(
+        [sys.executable, "-m", "nbgrader", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, (
+        f"nbgrader {' '.join(args)} exited with {run.returncode}:\n{output[-3000:]}"
+    )
+    return output
+
+
+def _course_env(tmp_path: Path) -> dict:
+    """The environment of a course session: this Python's kernel and nbgrader's ``alembic``."""
+    kernel = tmp_path / "jupyter" / "kernels" / "python3"
+    kernel.mkdir(parents=True)
+    (kernel / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3",
+                "language": "python",
+            }
         )
-        assert run.returncode == 0, run.stderr[-3000:]
+    )
+    env = dict(os.environ)
+    env["JUPYTER_PATH"] = str(tmp_path / "jupyter")  # searched before the user's own kernels
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@pytest.mark.slow
+def test_documented_nbgrader_workflow_runs_as_written(tmp_path, digits_weights):
+    """docs/teaching.md's commands, in its order, in a fresh course directory, with an exchange.
+
+    Every step must leave its mark (a file, a gradebook entry), so one that silently does
+    nothing fails here. The student is 02-mistakes-a, who also "fixed" the failing tests:
+    nbgrader restores them, and the score is the one grade.py gives.
+    """
+    from nbgrader.api import Gradebook
+
+    assignment, student = "02_lora_by_hand", getpass.getuser()
+    course, home = tmp_path / "course", tmp_path / "home"
+    home.mkdir()
+    shutil.copytree(ASSIGNMENTS / "source", course / "source")
+    shutil.copy(ASSIGNMENTS / "nbgrader_config.py", course)
+    env = _course_env(tmp_path)
+    exchange = [f"--Exchange.root={tmp_path / 'exchange'}"]
+
+    # 1. Build, then generate_assignment: --force replaces what build.py wrote and records the
+    #    assignment in the gradebook (without it nbgrader skips the assignment, exit status 0).
+    build = _load("build", "_assignments_build")
+    assert build.main(["--out", str(course / "release")]) == 0
+    for src in SOURCES:
+        _nbgrader("generate_assignment", src.parent.name, "--force", cwd=course, env=env)
         released = coursetools.read(course / "release" / src.parent.name / src.name)
-        assert released == coursetools.student_version(coursetools.read(src))
+        assert released == coursetools.student_version(coursetools.read(src)), src.name
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        assert {a.name for a in gb.assignments} == {p.parent.name for p in SOURCES}
+
+    # 2. The student, the release and the student's side of the exchange.
+    _nbgrader("db", "student", "add", student, cwd=course, env=env)
+    _nbgrader("release_assignment", assignment, *exchange, cwd=course, env=env)
+    _nbgrader("fetch_assignment", assignment, "--course=rankkit", *exchange, cwd=home, env=env)
+    fetched = home / assignment / "lora_by_hand.ipynb"
+    assert coursetools.read(fetched) == coursetools.read(
+        course / "release" / assignment / fetched.name
+    )
+    source, answered = _submission(STUDENTS["02-mistakes-a"])
+    nbformat.write(answered, fetched)
+    _nbgrader("submit", assignment, "--course=rankkit", *exchange, cwd=home, env=env)
+
+    # 3. Collect, autograde, export, feedback.
+    _nbgrader("collect", assignment, *exchange, cwd=course, env=env)
+    assert (course / "submitted" / student / assignment / fetched.name).exists()
+    output = _nbgrader("autograde", assignment, cwd=course, env=env)
+    expected = coursetools.max_points(source) - sum(
+        coursetools.nbgrader_meta(c)["points"]
+        for c in source.cells
+        if _grade_id(c) in STUDENTS["02-mistakes-a"].fails
+    )
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        submission = gb.find_submission(assignment, student)
+        assert submission.score == expected and submission.max_score == 12
+        failed = {g.name for g in submission.notebooks[0].grades if g.score < g.max_score}
+        assert failed == set(STUDENTS["02-mistakes-a"].fails)
+    # nbgrader's known warning for cells with hidden tests (docs/teaching.md explains it).
+    assert "Attribute 'checksum' for cell test_lora_init has changed" in output
+
+    _nbgrader("export", cwd=course, env=env)
+    with open(course / "grades.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["assignment"] == assignment]
+    assert [(r["student_id"], float(r["score"]), float(r["max_score"])) for r in rows] == [
+        (student, expected, 12.0)
+    ]
+
+    _nbgrader("generate_feedback", assignment, cwd=course, env=env)
+    feedback = (course / "feedback" / student / assignment / "lora_by_hand.html").read_text()
+    assert "the head must stay trainable" in feedback
+
+
+@pytest.mark.slow
+def test_nbgrader_validate_exits_0_on_failure_and_grade_py_does_not(tmp_path, capsys):
+    """The claim in docs/teaching.md: script with grade.py --require-full-marks, not validate."""
+    nb = _tiny_notebook()
+    nb.cells[0].source = "def double(x):\n    return x"  # wrong: test_ok fails
+    nb.cells = nb.cells[:2]
+    nbformat.write(nb, tmp_path / "tiny.ipynb")
+    env = _course_env(tmp_path)
+    output = _nbgrader("validate", "tiny.ipynb", cwd=tmp_path, env=env)  # asserts exit status 0
+    assert "VALIDATION FAILED" in output
+    grade = _load("grade", "_assignments_grade")
+    args = [str(tmp_path / "tiny.ipynb"), "--source", str(tmp_path / "tiny.ipynb")]
+    assert grade.main([*args, "--require-full-marks"]) == 1
 
 
 # --------------------------------------------------------------------------- running (slow)
@@ -332,90 +506,283 @@ def test_student_version_fails_only_where_students_work(path, digits_weights):
         )
 
 
-class Mistake(NamedTuple):
-    """A typical wrong answer: ``right`` replaced by ``wrong`` in solution cell ``cell``."""
+class Student(NamedTuple):
+    """A submission: the instructor's answers, changed in some solution cells.
+
+    ``answers`` maps a solution cell to its new source, or to ``(right, wrong)``
+    replacements in the instructor's answer. ``fails`` maps each test cell that must lose
+    its points to a fragment of its message; every other graded cell must pass.
+    """
 
     notebook: str
-    cell: str
-    right: str
-    wrong: str
-    test: str  # the test cell that must fail...
-    message: str  # ...with this in its message
+    answers: dict
+    fails: dict
+    stop_after: str | None = None  # skip the expensive cells after the last one affected
 
 
-MISTAKES = {
-    "entropy-rank-squared": Mistake(
+SWITCHED_OFF = "RankkitSwitchedOff: your code called rankkit."
+
+# Classic mistakes. Mistakes in functions that call one another are never planted in the same
+# submission, so each group shows that every mistake costs exactly its own cell's points.
+STUDENTS = {
+    "01-mistakes-a": Student(
         notebook="01_effective_rank",
-        cell="entropy_rank",
-        right="p = s / total",
-        wrong="p = s**2 / (s**2).sum()",
-        test="test_entropy_rank",
-        message="SQUARED singular values",
+        answers={
+            "entropy_rank": [("p = s / total", "p = s**2 / (s**2).sum()")],
+            "stable_and_participation": [
+                ("return float((s**2).sum() / top**2)", "return float((s**2).sum() / top)")
+            ],
+            "energy_rank": [("energy = np.sort(s)[::-1] ** 2", "energy = np.sort(s)[::-1]")],
+            "gd_threshold": [
+                (
+                    "return lambda_star(beta) / math.sqrt(mp_median(beta)) * float(np.median(s))",
+                    "return lambda_star(beta) * float(np.median(s))",
+                )
+            ],
+        },
+        fails={
+            "test_entropy_rank": "SQUARED singular values",
+            "test_stable_rank": "square the top singular value too",
+            "test_energy_rank": "which is what s (not s**2) gives",
+            "test_gd_threshold": "WITHOUT the Marchenko–Pastur correction",
+        },
     ),
-    "energy-rank-not-squared": Mistake(
+    "01-mistakes-b": Student(
         notebook="01_effective_rank",
-        cell="energy_rank",
-        right="energy = np.sort(s)[::-1] ** 2",
-        wrong="energy = np.sort(s)[::-1]",
-        test="test_energy_rank",
-        message="the energy is the squared singular values",
+        answers={
+            "stable_and_participation": [
+                (
+                    "return float(energy.sum() ** 2 / (energy**2).sum())",
+                    "return float(s.sum() ** 2 / energy.sum())",
+                )
+            ],
+            "energy_rank": [("threshold - 1e-12) + 1)", "threshold - 1e-12))")],
+            "gd_constants": [
+                (
+                    "return scipy.optimize.brentq(cdf_minus_half, lo, hi, xtol=1e-12)",
+                    "return scipy.integrate.quad(lambda x: x * density(x), lo, hi)[0]  # the mean",
+                )
+            ],
+        },
+        fails={
+            "test_participation_ratio": "computed on the energies",
+            "test_energy_rank": "return the COUNT k",
+            "test_gd_constants": "the MEAN of the Marchenko–Pastur law",
+        },
     ),
-    "lora-missing-alpha-over-r": Mistake(
+    "02-mistakes-a": Student(
         notebook="02_lora_by_hand",
-        cell="lora_layer",
-        right="return out + self.scaling * ((x @ self.lora_A.T) @ self.lora_B.T)",
-        wrong="return out + (x @ self.lora_A.T) @ self.lora_B.T",
-        test="test_lora_forward",
-        message="without the scaling",
+        answers={
+            "lora_layer": [
+                (
+                    "return out + self.scaling * ((x @ self.lora_A.T) @ self.lora_B.T)",
+                    "return out + (x @ self.lora_A.T) @ self.lora_B.T",
+                ),
+                (
+                    "        if self.merged:\n            return\n        self.base.weight +=",
+                    "        self.base.weight +=",
+                ),
+            ],
+            "add_lora": [
+                (
+                    "    for name in train:\n        model.get_submodule(name).requires_grad_(True)\n",
+                    "",
+                )
+            ],
+        },
+        fails={
+            "test_lora_forward": "without the scaling",
+            "test_lora_merge": "calling merge() twice",
+            "test_add_lora": "the head must stay trainable",
+        },
+        stop_after="test_train_lora",
     ),
-    "lora-merged-forward-double-counts": Mistake(
+    "02-mistakes-b": Student(
         notebook="02_lora_by_hand",
-        cell="lora_layer",
-        right="        if self.merged:\n            return out\n",
-        wrong="",
-        test="test_lora_merge",
-        message="adds the update a second time",
+        answers={
+            "lora_layer": [
+                ("        if self.merged:\n            return out\n", ""),
+                (
+                    "return out + self.scaling * ((x @ self.lora_A.T) @ self.lora_B.T)",
+                    "return out + x @ self.delta_weight().T",
+                ),
+                (
+                    "self.lora_A = nn.Parameter(torch.empty(r, in_features))\n"
+                    "        self.lora_B = nn.Parameter(torch.zeros(out_features, r))\n"
+                    "        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))",
+                    "self.lora_A = nn.Parameter(torch.zeros(r, in_features))\n"
+                    "        self.lora_B = nn.Parameter(torch.empty(out_features, r))\n"
+                    "        nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))",
+                ),
+            ],
+        },
+        fails={
+            "test_lora_init": "initialise lora_B to zeros",
+            "test_lora_forward": "never form B A in forward",
+            "test_lora_merge": "adds the update a second time",
+        },
+        stop_after="test_train_lora",
     ),
-    "projection-not-normalised": Mistake(
+    "03-mistakes-a": Student(
         notebook="03_random_subspace",
-        cell="dense_projection",
-        right="return P / P.norm(dim=0, keepdim=True)",
-        wrong="return P",
-        test="test_dense_projection",
-        message="P is not normalised",
+        answers={
+            "dense_projection": [("return P / P.norm(dim=0, keepdim=True)", "return P")],
+            "train_toy": (
+                "def train_toy(d: int, seed: int, max_iter: int = 200) -> float:\n"
+                "    sub = Subspace(toy_theta0(seed), d, seed)\n"
+                "    initial = float(toy_loss(sub()))\n"
+                "    opt = torch.optim.Adam(sub.parameters(), lr=0.1)  # not L-BFGS\n"
+                "    for _ in range(300):\n"
+                "        opt.zero_grad()\n"
+                "        toy_loss(sub()).backward()\n"
+                "        opt.step()\n"
+                "    return float(toy_loss(sub()).detach()) / initial"
+            ),
+            "subspace_module": [("theta0.detach().clone())", "theta0.detach())")],
+            "dense_memory": [("return 4 * D * d", "return 8 * D * d")],
+        },
+        fails={
+            "test_dense_projection": "P is not normalised",
+            "test_subspace_module": "store a copy of theta0",
+            "test_train_toy": "Is theta_d actually trained",
+            "test_dense_memory": "take 40,000 bytes",
+        },
+        stop_after="test_dense_memory",
     ),
-    "projection-divided-by-sqrt-D": Mistake(
+    "03-mistakes-b": Student(
         notebook="03_random_subspace",
-        cell="dense_projection",
-        right="return P / P.norm(dim=0, keepdim=True)",
-        wrong="return P / D**0.5",
-        test="test_dense_projection",
-        message="normalise each column by its own norm",
+        answers={
+            "dense_projection": [("return P / P.norm(dim=0, keepdim=True)", "return P / D**0.5")],
+        },
+        fails={"test_dense_projection": "normalise each column by its own norm"},
+        # The cells after it use the reference projection, as 03-mistakes-a shows.
+        stop_after="test_dense_projection",
+    ),
+    # Students whose functions only call rankkit: they lose exactly the points of those
+    # functions' cells; the cells that use them (tables, training) grade their own step.
+    "01-wraps-rankkit": Student(
+        notebook="01_effective_rank",
+        answers={
+            "entropy_rank": "def entropy_rank(s):\n    return rankkit.effective_rank(np.asarray(s, dtype=float), 'entropy')",
+            "stable_and_participation": (
+                "def stable_rank(s):\n    return rankkit.effective_rank(np.asarray(s, dtype=float), 'stable')\n\n\n"
+                "def participation_ratio(s):\n"
+                "    return rankkit.effective_rank(np.asarray(s, dtype=float), 'participation')"
+            ),
+            "energy_rank": (
+                "from rankkit.spectra import effective_rank\n\n\n"
+                "def energy_rank(s, threshold=0.9):\n"
+                "    return effective_rank(np.asarray(s, dtype=float), 'energy', threshold=threshold)"
+            ),
+            "gd_constants": [
+                (
+                    "### BEGIN SOLUTION\n    def density(x):",
+                    "return rankkit.spectra.marchenko_pastur_median(beta)\n    def density(x):",
+                )
+            ],
+            "gd_threshold": (
+                "def gd_threshold(s, shape, sigma=None):\n"
+                "    return rankkit.gavish_donoho_threshold(np.asarray(s, dtype=float), shape=shape, sigma=sigma)\n\n\n"
+                "def optimal_rank(M, sigma=None):\n"
+                "    return int(rankkit.effective_rank(np.asarray(M, dtype=float), 'optimal', sigma=sigma))"
+            ),
+        },
+        fails={
+            cell: SWITCHED_OFF
+            for cell in (
+                "test_entropy_rank",
+                "test_stable_rank",
+                "test_participation_ratio",
+                "test_energy_rank",
+                "test_gd_constants",
+                "test_gd_threshold",
+            )
+        },
+    ),
+    "02-wraps-rankkit": Student(
+        notebook="02_lora_by_hand",
+        answers={
+            "lora_layer": (
+                "class LoRALinear(rankkit.lora.LoRALinear):\n"
+                "    def __init__(self, base, r, alpha):\n"
+                "        super().__init__(base, r=r, lora_alpha=alpha)\n"
+                "        self.base = base"
+            ),
+            "add_lora": (
+                "def add_lora(model, targets, r, alpha, train=()):\n"
+                "    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), "
+                "modules_to_save=list(train))\n"
+                "    return apply_lora(model, config)"
+            ),
+        },
+        fails={
+            "test_lora_init": SWITCHED_OFF,
+            "test_lora_forward": SWITCHED_OFF,
+            "test_lora_merge": SWITCHED_OFF,
+            "test_add_lora": SWITCHED_OFF,
+        },
+        stop_after="test_train_lora",
+    ),
+    "03-wraps-rankkit": Student(
+        notebook="03_random_subspace",
+        answers={
+            "dense_projection": (
+                "def dense_projection(D, d, seed=0):\n"
+                "    return DenseProjection(D, d, seed=seed).matrix()"
+            ),
+        },
+        fails={"test_dense_projection": SWITCHED_OFF},
+        stop_after="test_dense_memory",
     ),
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mistake", MISTAKES.values(), ids=MISTAKES.keys())
-def test_common_mistake_loses_points_with_helpful_message(mistake, digits_weights):
-    source_path = coursetools.find_source(mistake.notebook)
-    source = coursetools.read(source_path)
+def _submission(student: Student):
+    """The released notebook, filled in with the instructor's answers changed as ``student`` says."""
+    source = coursetools.read(coursetools.find_source(student.notebook))
     submission = coursetools.student_version(source)
-    instructor_cells = {_grade_id(c): c for c in source.cells if coursetools.nbgrader_meta(c)}
+    instructor = {_grade_id(c): c.source for c in source.cells if coursetools.is_solution_cell(c)}
     for cell in submission.cells:
-        if coursetools.is_solution_cell(cell):  # a student who solved everything...
-            cell.source = instructor_cells[_grade_id(cell)].source
-    target = next(c for c in submission.cells if _grade_id(c) == mistake.cell)
-    assert mistake.right in target.source
-    target.source = target.source.replace(mistake.right, mistake.wrong)  # ...but this
-    # and who "fixed" the failing test: grading restores the instructor's test cell.
-    next(c for c in submission.cells if _grade_id(c) == mistake.test).source = "pass"
+        if not coursetools.is_solution_cell(cell):
+            continue
+        answer = student.answers.get(_grade_id(cell), [])
+        if isinstance(answer, str):
+            cell.source = answer
+            continue
+        cell.source = instructor[_grade_id(cell)]
+        for right, wrong in answer:
+            assert cell.source.count(right) == 1, f"{_grade_id(cell)}: {right!r} not found once"
+            cell.source = cell.source.replace(right, wrong)
+    # The student also "fixed" the tests that fail: grading restores the instructor's cells.
+    for cell in submission.cells:
+        if _grade_id(cell) in student.fails:
+            cell.source = "pass"
+    return source, submission
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student", STUDENTS.values(), ids=STUDENTS.keys())
+def test_each_mistake_costs_exactly_its_own_cell(student, digits_weights):
+    source, submission = _submission(student)
     report = coursetools.grade(
-        submission, source=source, stop_after=mistake.test, cwd=source_path.parent
+        submission,
+        source=source,
+        stop_after=student.stop_after,
+        cwd=coursetools.find_source(student.notebook).parent,
     )
-    result = report.result(mistake.test)
-    assert result.points == 0, report.format()
-    assert mistake.message in result.message, result.message
-    others = [c.grade_id for c in report.cells if c.grade_id != mistake.test and not c.passed]
-    assert not others, f"only {mistake.test} should fail: {report.format()}"
+    failed = {c.grade_id: c.message for c in report.cells if not c.passed}
+    assert set(failed) == set(student.fails), report.format()
+    tests = {_grade_id(c): c.source for c in source.cells if coursetools.is_test_cell(c)}
+    for cell, fragment in student.fails.items():
+        assert fragment in failed[cell], f"{cell}: {failed[cell]}"
+        # The student sees it before hand-in: the message is a visible test's.
+        visible = tests[cell].partition("### BEGIN HIDDEN TESTS")[0]
+        assert fragment == SWITCHED_OFF or fragment in visible, f"{cell}: {fragment!r} is hidden"
+    points = {
+        _grade_id(c): coursetools.nbgrader_meta(c)["points"]
+        for c in source.cells
+        if coursetools.is_test_cell(c)
+    }
+    assert report.score == report.max_score - sum(points[c] for c in student.fails)
+    others = {cell: error for cell, error in report.errors.items() if cell not in student.fails}
+    assert not others, f"cells other than the failing tests raised: {others}"
