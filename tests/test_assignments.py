@@ -395,6 +395,10 @@ def test_documented_nbgrader_workflow_runs_as_written(tmp_path, digits_weights):
     #    assignment in the gradebook (without it nbgrader skips the assignment, exit status 0).
     build = _load("build", "_assignments_build")
     assert build.main(["--out", str(course / "release")]) == 0
+    output = _nbgrader("generate_assignment", assignment, cwd=course, env=env)  # without --force
+    assert "Skipping existing assignment" in output
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}") as gb:
+        assert not gb.assignments, "generate_assignment without --force recorded nothing"
     for src in SOURCES:
         _nbgrader("generate_assignment", src.parent.name, "--force", cwd=course, env=env)
         released = coursetools.read(course / "release" / src.parent.name / src.name)
