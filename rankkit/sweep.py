@@ -421,9 +421,13 @@ def _spec_row(spec: RunSpec, config: SweepConfig) -> dict[str, Any]:
 
 
 def _worker_init(threads: int) -> None:
+    import signal
+
     import torch
 
     torch.set_num_threads(threads)
+    # Ctrl-C is the parent's to handle: it stops the queue and keeps the runs in flight.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------- results store
@@ -791,7 +795,7 @@ def run_sweep(
         if config.executor == "ray" and group:
             _run_ray(group, config, out_dir, runner, done)
         elif parallel and len(group) > 1:
-            _run_processes(group, config, out_dir, runner, done)
+            _run_processes(group, config, out_dir, runner, done, log)
         elif len(group) == 1:
             done(_safe_run(runner, group[0], config, str(out_dir)))
         elif group:
@@ -954,7 +958,7 @@ def _claim_directory(out_dir: Path, config: SweepConfig, force: bool) -> None:
         _write_atomically(path, lambda fh: json.dump(dataclasses.asdict(config), fh, indent=2))
 
 
-def _run_processes(todo, config, out_dir, runner, done) -> None:
+def _run_processes(todo, config, out_dir, runner, done, log=print) -> None:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -966,8 +970,19 @@ def _run_processes(todo, config, out_dir, runner, done) -> None:
         initargs=(threads,),
     ) as pool:
         futures = [pool.submit(_safe_run, runner, s, config, str(out_dir)) for s in todo]
-        for future in as_completed(futures):
-            done(future.result())
+        try:
+            for future in as_completed(futures):
+                done(future.result())
+        except KeyboardInterrupt:
+            # Queued runs never start; the runs in flight finish and are kept.
+            for future in futures:
+                future.cancel()
+            running = [f for f in futures if not f.done()]
+            if running:
+                log(f"Ctrl-C: keeping the {len(running)} run(s) in flight, which finish first")
+            for future in as_completed(running):
+                done(future.result())
+            raise
 
 
 def _run_ray(todo, config, out_dir, runner, done) -> None:

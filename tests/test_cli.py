@@ -91,3 +91,28 @@ def test_plot_functions_return_figures(fmt, tmp_path):
         assert (tmp_path / f"f{i}.{fmt}").stat().st_size > 1000
     with pytest.raises(ValueError, match="available methods"):
         plot_effective_rank(report, "bogus")
+
+
+@pytest.mark.parametrize(
+    "argv, option, expected",
+    [
+        (["sweep", "--seeds", "0", "1", "2"], "seeds", [0, 1, 2]),
+        (["sweep", "--seeds", "0,1,2"], "seeds", [0, 1, 2]),
+        (["sweep", "--ranks", "1,2", "4", "--seeds", "0"], "ranks", [1, 2, 4]),
+        (["intrinsic-dim", "--dims", "10", "100,1000"], "dims", [10, 100, 1000]),
+        (["intrinsic-dim", "--seeds", "0,1", "2"], "seeds", [0, 1, 2]),
+    ],
+)
+def test_list_options_take_spaces_commas_or_both(argv, option, expected):
+    from rankkit.cli import build_parser
+    from rankkit.sweep import parse_int_list
+
+    args = build_parser().parse_args(argv)
+    assert parse_int_list(getattr(args, option), option, minimum=0) == expected
+
+
+def test_a_bad_list_item_is_one_error_line(tmp_path):
+    proc = run_cli("sweep", "--seeds", "0", "x", "--out", str(tmp_path / "s"), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: seeds: 'x' is not an integer."
+    assert not (tmp_path / "s").exists()
