@@ -41,55 +41,92 @@ def _register_spectrum(subparsers) -> None:
     p = _add_command(
         subparsers,
         "spectrum",
-        "Singular-value spectra and effective rank of ΔW = W_finetuned - W_base, per layer.",
+        "Singular-value spectra and effective rank of ΔW = W_finetuned - W_base, per layer, "
+        "for two checkpoints (files, sharded model folders) or a LoRA adapter (ΔW = s·B·A).",
         """
         python -m rankkit spectrum --demo
-        python -m rankkit spectrum base.safetensors finetuned.safetensors
-        python -m rankkit spectrum base.pt tuned.pt --layers 'attn\\.(q|v)' --out report.csv --plot spectrum.png
+        python -m rankkit spectrum base/ finetuned/             # two Hugging Face model folders
+        python -m rankkit spectrum adapter/                     # a PEFT LoRA adapter alone
+        python -m rankkit spectrum base/ adapter/               # ...with its base: W columns, amplification
+        python -m rankkit spectrum base.safetensors tuned.pt --layers 'attn\\.(q|v)' --out report.csv --plot spectrum.png
         """,
     )
-    p.add_argument("base", nargs="?", help="base (pretrained) checkpoint: .safetensors or .pt")
-    p.add_argument("finetuned", nargs="?", help="fine-tuned checkpoint with the same keys")
+    p.add_argument(
+        "sources", nargs="*", metavar="CHECKPOINT",
+        help="BASE FINETUNED (files or model folders), ADAPTER_DIR, or BASE ADAPTER_DIR",
+    )  # fmt: skip
     p.add_argument(
         "--demo",
         action="store_true",
-        help="analyse a built-in pair: a random base plus a planted rank-4 update with noise",
+        help="analyse a built-in pair: a random base plus planted updates of rank 1, 4, 8 and "
+        "16 (one per layer) with noise",
     )
     p.add_argument("--layers", metavar="REGEX", help="only weight matrices whose name matches")
     p.add_argument("--out", metavar="CSV", help="write the full per-layer report as CSV")
     p.add_argument("--plot", metavar="PNG", help="write spectra vs random baseline (PNG or SVG)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default 0)")
+    p.add_argument("--device", default="auto", help="where to run the SVDs: auto, cpu, cuda...")
+    p.add_argument("--jobs", type=int, default=1, help="analyse layers in N processes")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_spectrum)
 
 
 def _cmd_spectrum(args) -> int:
-    from rankkit.spectra import demo_pair, format_report
+    from rankkit.checkpoints import compile_layers, is_adapter
+    from rankkit.devices import resolve_device
+    from rankkit.plots import plot_spectra
+    from rankkit.spectra import demo_pair, format_report, plan_updates
 
     if args.demo:
-        if args.base or args.finetuned:
-            raise SystemExit("spectrum: give either --demo or BASE FINETUNED, not both.")
+        if args.sources:
+            raise SystemExit("spectrum: give either --demo or checkpoints, not both.")
         base, finetuned = demo_pair(seed=args.seed)
-    elif args.base and args.finetuned:
-        base, finetuned = args.base, args.finetuned
+        print("demo: a random base plus planted updates of rank 1, 4, 8 and 16 with noise")
+    elif len(args.sources) == 2:
+        base, finetuned = args.sources
+    elif len(args.sources) == 1 and is_adapter(args.sources[0]):
+        base, finetuned = None, args.sources[0]
     else:
         raise SystemExit(
-            "spectrum: give two checkpoints (BASE FINETUNED) or --demo. "
-            "See python -m rankkit spectrum --help."
+            "spectrum: give two checkpoints (BASE FINETUNED), a LoRA adapter folder (ADAPTER, "
+            "optionally after its BASE), or --demo. See python -m rankkit spectrum --help."
         )
-    report = rankkit.rank_report(base, finetuned, layers=args.layers, seed=args.seed)
+    # Everything that could fail after a long analysis is checked before it starts.
+    compile_layers(args.layers)
+    resolve_device(args.device)
+    for option, path in (("--out", args.out), ("--plot", args.plot)):
+        if path:
+            _check_writable(option, path)
+
+    report = rankkit.rank_report(
+        base, finetuned, layers=args.layers, seed=args.seed, device=args.device,
+        jobs=args.jobs, progress=not args.quiet,
+    )  # fmt: skip
+    print(f"read {report.attrs['source']}")
     print(format_report(report))
     if args.out:
         report.to_csv(args.out, index=False)
         print(f"wrote {args.out}")
     if args.plot:
-        from rankkit.plots import plot_spectra
-
-        fig = plot_spectra(
-            rankkit.delta_weights(base, finetuned, layers=args.layers), seed=args.seed
-        )
+        plan = plan_updates(base, finetuned, args.layers)
+        first = {u.name: u.formed_delta() for u in plan.layers[:12]}  # the figure shows 12
+        fig = plot_spectra(first, seed=args.seed)
         fig.savefig(args.plot, dpi=150, bbox_inches="tight")
         print(f"wrote {args.plot}")
     return 0
+
+
+def _check_writable(option: str, path: str) -> None:
+    import os
+    from pathlib import Path
+
+    folder = Path(path).resolve().parent
+    if not folder.is_dir():
+        raise ValueError(
+            f"{option} {path}: the folder {str(folder)!r} does not exist; create it first."
+        )
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{option} {path}: the folder {str(folder)!r} is not writable.")
 
 
 # --------------------------------------------------------------------------- sweep / plot

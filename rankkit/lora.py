@@ -76,7 +76,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rankkit.checkpoints import CheckpointError, load_state_dict, save_state_dict
+from rankkit.checkpoints import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    PEFT_PREFIX,
+    CheckpointError,
+    load_state_dict,
+    peft_pattern_key,
+    save_state_dict,
+)
 from rankkit.utils import ParameterCount, count_parameters, did_you_mean, set_submodule
 
 __all__ = [
@@ -94,11 +102,6 @@ __all__ = [
 ]
 
 INIT_METHODS = ("kaiming", "gaussian", "pissa")
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-# PEFT wraps the user's model twice (PeftModel -> LoraModel), hence this prefix on every key.
-PEFT_PREFIX = "base_model.model."
-
 
 # --------------------------------------------------------------------------- the layer
 
@@ -340,8 +343,8 @@ class LoraConfig:
 
     def rank_and_alpha(self, name: str) -> tuple[int, float]:
         """``(r, lora_alpha)`` for the module called ``name``, after the patterns."""
-        r_key = _pattern_key(self.rank_pattern, name)
-        alpha_key = _pattern_key(self.alpha_pattern, name)
+        r_key = peft_pattern_key(self.rank_pattern, name)
+        alpha_key = peft_pattern_key(self.alpha_pattern, name)
         r = self.rank_pattern[r_key] if r_key is not None else self.r
         alpha = self.alpha_pattern[alpha_key] if alpha_key is not None else self.lora_alpha
         return r, alpha
@@ -789,13 +792,6 @@ def _matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
-def _pattern_key(patterns: Mapping[str, Any], name: str) -> str | None:
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
-
-
 def _resolve(model: nn.Module, config: LoraConfig, roles: Any) -> tuple[list[str], list[str]]:
     """Module names to adapt and to train in full, validated."""
     if _lora_layers(model):
@@ -864,7 +860,7 @@ def _resolve(model: nn.Module, config: LoraConfig, roles: Any) -> tuple[list[str
         (config.alpha_pattern, "alpha_pattern"),
     ):
         for key in pattern:
-            if not any(_pattern_key({key: 0}, n) for n in found):
+            if not any(peft_pattern_key({key: 0}, n) for n in found):
                 raise ValueError(
                     f"apply_lora: {label} key {key!r} matches none of the adapted modules {found}."
                 )

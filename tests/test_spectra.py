@@ -255,18 +255,28 @@ def test_delta_weights_from_modules_state_dicts_and_files(tmp_path):
     assert list(only_first) == ["0.weight"]
 
 
-def test_mismatched_checkpoints_name_the_parameters():
+def test_mismatched_checkpoints_are_reported_not_fatal():
     base, tuned = two_mlps()
     sd = tuned.state_dict()
     sd["extra.weight"] = torch.zeros(2, 2)
     del sd["2.weight"]
+    deltas = rankkit.delta_weights(base, sd)
+    assert list(deltas) == ["0.weight"]
+    assert deltas.skipped["2.weight"] == "only in base"
+    assert deltas.skipped["extra.weight"].startswith("only in fine-tuned")
+    wide = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 9), nn.LayerNorm(8))
+    deltas = rankkit.delta_weights(base, wide)
+    assert list(deltas) == ["0.weight"]
+    assert deltas.skipped["2.weight"] == "shape changed: (8, 32) -> (9, 32)"
+
+
+def test_checkpoints_with_nothing_in_common_show_names_from_both_sides():
+    base, _ = two_mlps()
+    other = {"encoder.dense.weight": torch.zeros(4, 4)}
     with pytest.raises(
-        ValueError, match=r"missing from finetuned: 2\.weight.*only in finetuned: extra\.weight"
+        CheckpointError, match=r"share no weight matrix(.|\n)*0\.weight(.|\n)*encoder\.dense"
     ):
-        rankkit.delta_weights(base, sd)
-    wrong = nn.Sequential(nn.Linear(16, 33), nn.ReLU(), nn.Linear(33, 8), nn.LayerNorm(8))
-    with pytest.raises(ValueError, match=r"0\.weight: base \(32, 16\) vs finetuned \(33, 16\)"):
-        rankkit.delta_weights(base, wrong)
+        rankkit.delta_weights(base, other)
 
 
 def test_nan_weights_name_the_parameter():
@@ -322,7 +332,7 @@ def test_rank_report_recovers_planted_ranks_of_the_demo():
     assert row["W_numerical"] == 64
     assert len(report.attrs["skipped"]) == 4
     text = format_report(report)
-    assert "layer1.fc1.weight" in text and "4 1-D parameters" in text
+    assert "layer1.fc1.weight" in text and "4 1-D (bias or norm)" in text
 
 
 def test_rank_report_batches_same_shape_layers_exactly():
