@@ -1,6 +1,6 @@
 """An installed rankkit carries its base weights: a wheel runs the built-in tasks anywhere."""
 
-import importlib.util
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -43,6 +43,13 @@ def test_a_source_checkout_reads_the_top_level_data_folder(monkeypatch):
     assert data_dir() == Path("/somewhere/else")
 
 
+def _setuptools_major() -> int:
+    try:
+        return int(importlib.metadata.version("setuptools").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return 0
+
+
 def _run(args, **kwargs):
     proc = subprocess.run(args, capture_output=True, text=True, timeout=600, **kwargs)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -58,8 +65,9 @@ def test_a_wheel_installed_without_the_source_tree_runs_the_default_sweep(tmp_pa
         shutil.copytree(REPO / name, src / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    # Offline where the build backend is installed; else pip fetches it (needs PyPI).
-    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+    # Offline with this environment's setuptools if it is new enough for pyproject.toml's
+    # [build-system]; else pip fetches one, as for 'pip install -e .'.
+    isolation = ["--no-build-isolation"] if _setuptools_major() >= 77 else []
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     _run([*pip, "wheel", str(src), "--no-deps", *isolation, "-w", str(tmp_path / "dist")])
     (wheel,) = (tmp_path / "dist").glob("rankkit-*.whl")
