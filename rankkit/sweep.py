@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import itertools
 import json
 import math
@@ -671,7 +672,9 @@ def check_sweep_can_run(config: SweepConfig) -> None:
 
     Checks that the device exists on this machine, that the task's optional
     dependencies are installed, that its base weights load (present and matching
-    the manifest) and that every rank fits the layers it adapts.
+    the manifest), that every rank fits the layers it adapts, and that Ray is
+    installed if the executor is ``"ray"``. (:func:`run_sweep` then checks that the
+    output folder can be written, before it writes anything there.)
 
     Raises
     ------
@@ -693,6 +696,10 @@ def check_sweep_can_run(config: SweepConfig) -> None:
     task = get_task(config.task)
     task.build_model(pretrained=True)
     check_ranks_fit(config)
+    if config.executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise ImportError(
+            "executor='ray' needs Ray: pip install 'rankkit[ray]' (or pip install 'ray[default]')."
+        )
 
 
 def run_sweep(
@@ -928,7 +935,14 @@ def _claim_directory(out_dir: Path, config: SweepConfig, force: bool) -> None:
     A directory holds one sweep: a different config is refused unless ``force``, and
     refused even then while another process is working on the directory.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".lock").touch()
+    except OSError as err:
+        raise ValueError(
+            f"cannot write the sweep folder {str(out_dir)!r} ({err.strerror or err}); choose "
+            "another --out directory."
+        ) from err
     path = out_dir / "config.json"
     wanted = config.result_affecting()
     with _DirectoryLock(out_dir):

@@ -404,6 +404,16 @@ def test_a_device_this_machine_lacks_is_refused_before_any_run(tmp_path):
         run_sweep(SweepConfig(**TINY, device="gpu", out=str(out)), progress=False)
 
 
+def test_an_output_folder_that_cannot_be_written_is_one_clear_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match=r"cannot write the sweep folder .*a-file/sweep"):
+        run_sweep(SweepConfig(**TINY, out=str(blocker / "sweep")), progress=False)
+    proc = cli("sweep", "--ranks", "1", "--seeds", "0", "--out", str(blocker / "sweep"))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: cannot write the sweep folder")
+
+
 def test_missing_base_weights_are_refused_before_any_run(tmp_path, monkeypatch):
     from rankkit.checkpoints import CheckpointError
 
