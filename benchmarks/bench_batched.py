@@ -14,8 +14,8 @@ Contenders, on exactly the same runs:
   (``rankkit.sweep._batch_groups``: sized from free memory, capped per device). On a
   CPU the sweep does not batch runs with large steps (``CPU_SMALL_STEP_BYTES``: the
   topics runs), so there ``--max-runs K`` forces groups of up to K;
-* ``rankkit``  -- each run alone, the sweep's reference recipe (``set_seed``,
-  ``build_model``, ``apply_lora``, ``fit``), as ``--no-batch`` trains them;
+* ``rankkit``  -- each run alone, the sweep's reference recipe
+  (:func:`rankkit.methods.prepare_run`, then ``fit``), as ``--no-batch`` trains them;
 * ``peft``     -- each run alone with PEFT: the same base model, ``peft.get_peft_model``
   with the same target modules, rank, alpha and ``modules_to_save``, trained by the
   same ``fit``.
@@ -47,7 +47,8 @@ import torch
 
 import rankkit.batched as batched
 from rankkit.lora import apply_lora
-from rankkit.sweep import SweepConfig, _batch_groups, _lora_config, _lora_lr, plan_runs, run_one
+from rankkit.methods import method_lr, prepare_run
+from rankkit.sweep import SweepConfig, _batch_groups, _lora_config, plan_runs, run_one
 from rankkit.tasks import get_task
 from rankkit.train import fit, resolve_device, set_seed
 
@@ -66,7 +67,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 def train_batched(task, specs, config):
     runs = batched.fit_batched(
         task, [_lora_config(s, config, task) for s in specs], [s.seed for s in specs],
-        epochs=config.epochs, lr=_lora_lr(config, task), device=config.device,
+        epochs=config.epochs, lr=method_lr(task, "lora", config.lr), device=config.device,
     )  # fmt: skip
     return [r.result.metrics for r in runs]
 
@@ -74,11 +75,9 @@ def train_batched(task, specs, config):
 def train_rankkit(task, specs, config):
     out = []
     for spec in specs:
-        set_seed(spec.seed)
-        model = task.build_model(pretrained=True, seed=spec.seed)
-        apply_lora(model, _lora_config(spec, config, task), roles=task.roles)
-        result = fit(model, task, epochs=config.epochs, lr=_lora_lr(config, task),
-                     device=config.device, seed=spec.seed, progress=False)  # fmt: skip
+        lora = _lora_config(spec, config, task)
+        run = prepare_run(task, "lora", spec.seed, lr=config.lr, lora_config=lora)
+        result = run.fit(task, epochs=config.epochs, device=config.device, progress=False)
         out.append(result.metrics)
     return out
 
@@ -100,7 +99,7 @@ def train_peft(task, specs, config):
                 use_rslora=lora.use_rslora, modules_to_save=list(task.head_modules),
             ),
         )  # fmt: skip
-        result = fit(model, task, epochs=config.epochs, lr=_lora_lr(config, task),
+        result = fit(model, task, epochs=config.epochs, lr=method_lr(task, "lora", config.lr),
                      device=config.device, seed=spec.seed, progress=False)  # fmt: skip
         out.append(result.metrics)
     return out
@@ -184,7 +183,7 @@ def main() -> None:
     epochs_shown = epochs or task.default_hparams.get("epochs")
     print(f"workload {args.workload}: task {task.name}, targets {work['targets']}, ranks "
           f"{config.ranks} x seeds {config.seeds} = {sum(map(len, groups))} runs, {epochs_shown} "
-          f"epoch(s) each, lr {_lora_lr(config, task)}, device {device}")  # fmt: skip
+          f"epoch(s) each, lr {method_lr(task, 'lora', config.lr)}, device {device}")  # fmt: skip
     print(
         f"batches: {[len(g) for g in groups]} runs (ranks {[[s.rank for s in g] for g in groups]})"
     )

@@ -134,10 +134,17 @@ def _save(fig, path: Path, log: Callable[[str], None]) -> Path:
 
 def _make_all(out, work, settings, jobs, progress, log) -> list[Path]:
     start = time.perf_counter()
-    written: list[Path] = []
     task = get_task("digits")
+    written = [_spectrum_figure(task, out, settings, progress, log)]
+    intrinsic_figures, finetune_d90 = _intrinsic_figures(out, settings, progress, log)
+    written += intrinsic_figures
+    written += _sweep_figures(out, work, settings, jobs, progress, log, finetune_d90)
+    log(f"done in {time.perf_counter() - start:.0f}s")
+    return written
 
-    # 1. Spectrum of full fine-tuning's update.
+
+def _spectrum_figure(task, out, settings, progress, log) -> Path:
+    """1. Spectrum of full fine-tuning's update."""
     log("[1/4] full fine-tuning of digits (seed 0) -> spectrum of ΔW")
     model = prepare_run(task, "full", seed=0).model
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -148,16 +155,18 @@ def _make_all(out, work, settings, jobs, progress, log) -> list[Path]:
         title="digits, full fine-tuning: singular values of ΔW vs a random matrix of the same "
         "shape and norm",
     )
-    written.append(_save(fig, out / "digits_dW_spectrum.png", log))
+    return _save(fig, out / "digits_dW_spectrum.png", log)
 
-    # 2. Intrinsic dimension: toy, then digits fine-tuning vs from scratch.
+
+def _intrinsic_figures(out, settings, progress, log) -> tuple[list[Path], dict]:
+    """2. Intrinsic dimension: toy, then digits fine-tuning vs from scratch."""
     log("[2/4] intrinsic dimension: toy problem, digits fine-tuning and from scratch")
     toy = estimate_intrinsic_dimension(
         HyperplaneProblem(), seeds=(0, 1, 2), rtol=0, progress=progress
     )
     log(f"      toy: d90 = {toy.d90}")
     fig = plot_intrinsic_dimension(toy, title="Li et al.'s toy problem: intrinsic dimension 10")
-    written.append(_save(fig, out / "toy_intrinsic_dimension.png", log))
+    written = [_save(fig, out / "toy_intrinsic_dimension.png", log)]
     intrinsic = {}
     for label, scratch in (
         ("fine-tuning (pretrained θ₀)", False),
@@ -176,9 +185,11 @@ def _make_all(out, work, settings, jobs, progress, log) -> list[Path]:
         intrinsic, title="digits MLP: training in a random subspace θ = θ₀ + P θ_d"
     )
     written.append(_save(fig, out / "digits_intrinsic_dimension.png", log))
-    finetune_d90 = next(iter(intrinsic.values())).to_dict()
+    return written, next(iter(intrinsic.values())).to_dict()
 
-    # 3. Rank sweep: trade-off figures (with d90 on the parameter axis).
+
+def _sweep_figures(out, work, settings, jobs, progress, log, finetune_d90) -> list[Path]:
+    """3. Rank sweep trade-offs (d90 on the parameter axis); 4. subspace similarity."""
     log(
         f"[3/4] LoRA rank sweep on digits: ranks {list(settings.ranks)}, seeds {list(settings.seeds)}"
     )
@@ -196,11 +207,11 @@ def _make_all(out, work, settings, jobs, progress, log) -> list[Path]:
     failed = results[results["status"] != "ok"]
     if len(failed):
         raise RuntimeError(f"{len(failed)} sweep run(s) failed: {failed['error'].tolist()[:3]}")
-    written.append(_save(plot_rank_tradeoff(results), out / "digits_rank_vs_quality.png", log))
+    written = [_save(plot_rank_tradeoff(results), out / "digits_rank_vs_quality.png", log)]
     fig = plot_params_tradeoff(results, d90=finetune_d90)
     written.append(_save(fig, out / "digits_params_vs_quality.png", log))
 
-    # 4. Subspace similarity of two of the sweep's adapters (seed 0): r = 8 vs r = 64.
+    # Subspace similarity of two of the sweep's adapters (seed 0): r = 8 vs the largest.
     lora = results[(results["method"] == "lora") & (results["seed"] == settings.seeds[0])]
     ranks = sorted(int(r) for r in lora["rank"].unique())
     low = 8 if 8 in ranks else ranks[0]
@@ -220,5 +231,4 @@ def _make_all(out, work, settings, jobs, progress, log) -> list[Path]:
         title=f"digits fc2: φ(A_r={low}, A_r={high}, i, j)",
     )
     written.append(_save(fig, out / "digits_subspace_similarity.png", log))
-    log(f"done in {time.perf_counter() - start:.0f}s")
     return written

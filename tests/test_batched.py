@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import rankkit.batched as batched
+import rankkit.stacked as stacked
 from rankkit.batched import (
     MultiLinear,
     MultiLoRALinear,
@@ -43,7 +44,7 @@ def reference(task, config: LoraConfig, seed: int, **fit_kwargs):
     return model, fit(model, task, seed=seed, device="cpu", progress=False, **fit_kwargs)
 
 
-def assert_same_run(batched_run, model, result):
+def assert_same_run(batched_run, model, result, atol: float = ATOL):
     got = batched_run.result
     assert got.metrics == result.metrics
     assert got.best_epoch == result.best_epoch
@@ -59,7 +60,7 @@ def assert_same_run(batched_run, model, result):
     want, have = lora_state_dict(model), lora_state_dict(batched_run.model)
     assert want.keys() == have.keys()
     for key in want:
-        torch.testing.assert_close(have[key], want[key], atol=ATOL, rtol=0, msg=key)
+        torch.testing.assert_close(have[key], want[key], atol=atol, rtol=0, msg=key)
 
 
 # --------------------------------------------------------------------------- a tiny transformer
@@ -216,7 +217,11 @@ def test_batched_runs_match_single_runs_on_the_topics_transformer():
     for config, seed, run in zip(configs, [0, 1], runs):
         model, result = reference(task, config, seed, epochs=1, lr=3e-3)
         assert result.best_epoch == 1, "the run should have trained"
-        assert_same_run(run, model, result)
+        # Adam divides each gradient by its running RMS, so where a gradient is near zero a
+        # rounding difference of the batched products (bmm vs mm) moves the update by a
+        # fraction of lr = 3e-3: after 10 steps r=8's lora_B differs by 1.6e-5 (its values
+        # are ~0.02), so 1e-5 is too tight here; the metrics above still match exactly.
+        assert_same_run(run, model, result, atol=1e-4)
     # A transformer step is compute-bound on a CPU: the sweep trains these runs one at a
     # time there, unless a batch size is asked for.
     assert max_batch_runs(task, configs[1], device="cpu", memory_bytes=10**12) == 1
@@ -356,7 +361,7 @@ def test_gradient_clipping_is_per_run():
             a.grad = p.grad[k].clone()
         torch.nn.utils.clip_grad_norm_(alone, 1.0)
         expected.append([a.grad for a in alone])
-    batched._clip_per_run(params, K, 1.0)
+    stacked._clip_per_run(params, K, 1.0)
     for k in range(K):
         for p, want in zip(params, expected[k]):
             torch.testing.assert_close(p.grad[k], want)

@@ -7,7 +7,7 @@ anything below it, never above)::
     spectra, lora, projections             measurements and adapters
     train                                  the one training loop
     tasks, subspace, plots                 models + data; subspace wrapper; figures
-    methods                                one recipe per fine-tuning method
+    methods, stacked                       one recipe per method; K runs in one model
     batched                                many LoRA runs in one model
     intrinsic, sweep                       experiments
     figures                                the README's figures
@@ -31,7 +31,7 @@ LAYERS = [
     ["rankkit.spectra", "rankkit.lora", "rankkit.projections"],
     ["rankkit.train"],
     ["rankkit.tasks", "rankkit.subspace", "rankkit.plots"],
-    ["rankkit.methods"],
+    ["rankkit.methods", "rankkit.stacked"],
     ["rankkit.batched"],
     ["rankkit.intrinsic", "rankkit.sweep"],
     ["rankkit.figures"],

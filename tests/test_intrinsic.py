@@ -455,7 +455,7 @@ def test_cli_reports_bad_arguments(capsys):
     assert main(["intrinsic-dim", "--task", "toy", "--projection", "fastfod", "--quiet"]) == 1
     assert "did you mean 'fastfood'" in capsys.readouterr().err
     assert main(["intrinsic-dim", "--task", "toy", "--dims", "0", "--quiet"]) == 1
-    assert "d=0" in capsys.readouterr().err
+    assert "--dims: '0' is not a positive integer" in capsys.readouterr().err
 
 
 def test_plot_intrinsic_dimension_overlays_results():

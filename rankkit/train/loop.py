@@ -258,7 +258,6 @@ def train_runs(
     grad_clip: float | None = 1.0,
     eval_every: int = 1,
     lr_overrides: Mapping[str, float] | None = None,
-    fused: bool = False,
     progress: bool = False,
     on_epoch: Callable[[int, int], None] | None = None,
     start: float | None = None,
@@ -284,8 +283,6 @@ def train_runs(
         Where ``runs.model`` already is.
     grad_clip, eval_every, lr_overrides, progress, on_epoch
         As in :func:`fit`.
-    fused : bool
-        Use the fused AdamW kernel.
     start : float, optional
         ``time.perf_counter()`` at the start of the caller's work (default: now).
 
@@ -306,8 +303,8 @@ def train_runs(
     autocast = functools.partial(autocast_for, device)
     named = [(n, p) for n, p in runs.model.named_parameters() if p.requires_grad]
     optimizer = configure_optimizer(
-        named, hp["lr"], hp["weight_decay"], lr_overrides=lr_overrides,
-        run_dims=runs.run_dims, fused=fused,
+        named, hp["lr"], hp["weight_decay"], device, lr_overrides=lr_overrides,
+        run_dims=runs.run_dims,
     )  # fmt: skip
     train = task.splits()["train"]
     orders = DataOrders(len(train), hp["batch_size"], seeds)

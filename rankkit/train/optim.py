@@ -14,7 +14,7 @@ import torch
 
 from rankkit.utils import within
 
-__all__ = ["configure_optimizer", "param_groups"]
+__all__ = ["FUSED_DEVICES", "configure_optimizer", "param_groups"]
 
 
 def param_groups(
@@ -72,15 +72,25 @@ def param_groups(
     ]
 
 
+#: Devices where AdamW runs its fused kernel (one pass over each tensor). Measured on
+#: the digits task on a CPU (benchmarks/README.md): 10-17% faster per run than the
+#: per-tensor loop, for one run and for a batch of six.
+FUSED_DEVICES = ("cpu", "cuda")
+
+
 def configure_optimizer(
     named: list[tuple[str, torch.Tensor]],
     lr: float,
     weight_decay: float,
+    device: torch.device,
     *,
     lr_overrides: Mapping[str, float] | None = None,
     run_dims: int = 0,
-    fused: bool = False,
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`; ``fused`` uses the one-kernel implementation."""
+    """AdamW over :func:`param_groups`, fused on :data:`FUSED_DEVICES`.
+
+    The fused kernel does the same element-wise update in one pass per tensor; its
+    results differ from the per-tensor loop's in the last bits only.
+    """
     groups = param_groups(named, lr, weight_decay, lr_overrides, run_dims)
-    return torch.optim.AdamW(groups, lr=lr, **({"fused": True} if fused else {}))
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type in FUSED_DEVICES)
