@@ -500,15 +500,15 @@ class ResultsStore:
         _write_atomically(self.path, lambda fh: frame.to_csv(fh, index=False))
 
 
-def _write_atomically(path: Path, write: Callable[[Any], Any]) -> None:
-    """Write a text file through a temporary file that replaces ``path`` atomically.
+def _write_atomically(path: Path, write: Callable[[Any], Any], binary: bool = False) -> None:
+    """Write a file through a temporary file that replaces ``path`` atomically.
 
-    Readers see the old or the new file, never half of one. The file is made
-    readable by everyone (mode 0644), like the figures next to it.
+    Readers (and other sweeps writing the same file) see the old or the new file,
+    never half of one. The file is made readable by everyone (mode 0644).
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     try:
-        with os.fdopen(fd, "w", newline="") as fh:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -1267,7 +1267,11 @@ def write_sweep_figures(directory: str | os.PathLike) -> list[Path]:
     ):
         for ext in ("png", "svg"):
             path = directory / f"{stem}.{ext}"
-            fig.savefig(path, dpi=150, bbox_inches="tight")
+
+            def save(fh, fig=fig, ext=ext):
+                fig.savefig(fh, format=ext, dpi=150, bbox_inches="tight")
+
+            _write_atomically(path, save, binary=True)  # sweeps sharing the folder redraw too
             written.append(path)
         import matplotlib.pyplot as plt
 

@@ -73,6 +73,7 @@ def test_tiny_sweep_through_the_cli(tmp_path):
         assert (out / adapter).with_name("adapter_config.json").exists()
     for name in ("rank_vs_quality", "params_vs_quality"):
         assert (out / f"{name}.png").stat().st_size > 10_000
+        assert (out / f"{name}.png").stat().st_mode & 0o777 == 0o644  # written atomically
         assert (out / f"{name}.svg").exists()
     assert json.loads((out / "config.json").read_text())["ranks"] == [1, 4]
     assert "results:" in proc.stdout and "90% of the full-FT gain" in proc.stdout
