@@ -526,6 +526,139 @@ class Student(NamedTuple):
 
 SWITCHED_OFF = "RankkitSwitchedOff: your code called rankkit."
 
+# Correct answers written differently from the instructor's, planted next to the mistakes:
+# the cells they feed must pass, so the tests accept any correct solution, not one text.
+ALT_PLANTED_TABLE = """\
+rows = []
+for r in PLANTED_RANKS:
+    M = make_planted(100, 200, rank=r, seed=0)
+    s = np.linalg.svd(M, compute_uv=False)
+    rows.append([entropy_rank(s), stable_rank(s), participation_ratio(s), energy_rank(s, 0.9),
+                 optimal_rank(M), optimal_rank(M, sigma=NOISE_SIGMA), np.linalg.matrix_rank(M)])
+planted = pd.DataFrame(rows, index=list(PLANTED_RANKS),
+                       columns=["entropy", "stable", "participation", "energy90", "optimal",
+                                "optimal_sigma", "numerical"])
+planted"""
+ALT_DW_TABLE = """\
+rng = np.random.default_rng(0)
+table = {}
+for name in deltas:
+    for prefix, M in (("", deltas[name].double().numpy()), ("rand_", None)):
+        if M is None:
+            M = rng.standard_normal(tuple(deltas[name].shape))
+        s = np.linalg.svd(M, compute_uv=False)
+        table.setdefault(name, {}).update({
+            prefix + "entropy": entropy_rank(s), prefix + "stable": stable_rank(s),
+            prefix + "participation": participation_ratio(s),
+            prefix + "energy90": energy_rank(s, 0.9), prefix + "optimal": optimal_rank(M),
+        })
+dw_table = pd.DataFrame(table).T
+dw_table"""
+ALT_ENTROPY = """\
+def entropy_rank(s):
+    s = np.asarray(s, dtype=float)
+    if s.sum() == 0:
+        return 0.0
+    p = s[s > 0] / s.sum()
+    return math.exp(-sum(pi * math.log(pi) for pi in p))"""
+ALT_MP_MEDIAN = """\
+def lambda_star(beta):
+    return (2 * (beta + 1) + 8 * beta / (beta + 1 + (beta**2 + 14 * beta + 1) ** 0.5)) ** 0.5
+
+
+def mp_median(beta):
+    lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
+    f = lambda x: np.sqrt(np.clip((hi - x) * (x - lo), 0, None)) / (2 * np.pi * beta * x)
+    cdf = lambda x: scipy.integrate.quad(f, lo, x, limit=500)[0]
+    return scipy.optimize.root_scalar(lambda x: cdf(x) - 0.5, bracket=[lo, hi], xtol=1e-13).root"""
+ALT_GD_THRESHOLD = """\
+def gd_threshold(s, shape, sigma=None):
+    m, n = shape
+    beta, n_max = min(m, n) / max(m, n), max(m, n)
+    if sigma is None:
+        return lambda_star(beta) * np.median(np.asarray(s, dtype=float)) / mp_median(beta) ** 0.5
+    return lambda_star(beta) * n_max**0.5 * sigma
+
+
+def optimal_rank(M, sigma=None):
+    s = np.linalg.svd(np.asarray(M, dtype=float), compute_uv=False)
+    return int(np.count_nonzero(s > gd_threshold(s, np.shape(M), sigma)))"""
+ALT_ENERGY = """\
+def energy_rank(s, threshold=0.9):
+    e = np.sort(np.asarray(s, dtype=float) ** 2)[::-1]
+    if e.sum() == 0:
+        return 0
+    total, k = 0.0, 0
+    while total < threshold * e.sum() * (1 - 1e-12):
+        total += e[k]
+        k += 1
+    return max(k, 1)"""
+ALT_ADD_LORA = """\
+def add_lora(model, targets, r, alpha, train=()):
+    for p in model.parameters():
+        p.requires_grad = False
+    modules = dict(model.named_modules())
+    for name in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(modules[parent], child, LoRALinear(modules[name], r=r, alpha=alpha))
+    for name in train:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad = True
+    return model"""
+ALT_TRAIN_LORA = """\
+torch.manual_seed(0)
+ref = apply_lora(task.build_model(pretrained=True), LoraConfig(
+    r=RANK, lora_alpha=ALPHA, target_modules=["fc1", "fc2"], modules_to_save=["head"]))
+ref_result = fit(ref, task, epochs=EPOCHS, lr=LR, seed=0, progress=False)
+torch.manual_seed(0)
+mine = add_lora(task.build_model(pretrained=True), targets=("fc1", "fc2"), r=RANK, alpha=ALPHA,
+                train=("head",))
+mine_result = fit(mine, task, lr=LR, epochs=EPOCHS, progress=False, seed=0)"""
+ALT_TOY_LOSS = """\
+def toy_loss(theta):
+    sums = torch.stack([theta[GROUP_SIZE * g : GROUP_SIZE * (g + 1)].sum() for g in range(GROUPS)])
+    return torch.sum((sums - TARGETS) ** 2)"""
+ALT_MEASURE_TOY = """\
+DIMS = range(1, 16)
+SEEDS = (0, 1, 2)
+SOLVED = 1e-8
+records = []
+for d in DIMS:
+    for seed in SEEDS:
+        records.append((d, seed, train_toy(d, seed)))
+curve = pd.DataFrame(records, columns=["d", "seed", "rel_loss"])
+d_int = next(d for d in DIMS if all(loss < SOLVED for dd, _, loss in records if dd == d))
+print("intrinsic dimension of the toy problem:", d_int)"""
+ALT_SUBSPACE = """\
+class Subspace(nn.Module):
+    def __init__(self, theta0, d, seed=0):
+        super().__init__()
+        self.register_buffer("theta0", theta0.clone().detach())
+        self.register_buffer("P", dense_projection(len(theta0), d, seed=seed))
+        self.theta_d = nn.Parameter(torch.zeros(d, dtype=theta0.dtype))
+
+    def forward(self):
+        return self.theta0 + torch.mv(self.P, self.theta_d)"""
+ALT_TRAIN_TOY = """\
+def train_toy(d, seed, max_iter=200):
+    model = Subspace(toy_theta0(seed), d, seed)
+    with torch.no_grad():
+        start = toy_loss(model()).item()
+    lbfgs = torch.optim.LBFGS([model.theta_d], lr=1, max_iter=max_iter, history_size=50,
+                              tolerance_grad=1e-12, tolerance_change=1e-15,
+                              line_search_fn="strong_wolfe")
+
+    def closure():
+        lbfgs.zero_grad()
+        value = toy_loss(model())
+        value.backward()
+        return value
+
+    lbfgs.step(closure)
+    with torch.no_grad():
+        return toy_loss(model()).item() / start"""
+
+
 # Classic mistakes. Mistakes in functions that call one another are never planted in the same
 # submission, so each group shows that every mistake costs exactly its own cell's points.
 STUDENTS = {
@@ -543,6 +676,9 @@ STUDENTS = {
                     "return lambda_star(beta) * float(np.median(s))",
                 )
             ],
+            "gd_constants": ALT_MP_MEDIAN,
+            "planted_table": ALT_PLANTED_TABLE,
+            "dw_table": ALT_DW_TABLE,
         },
         fails={
             "test_entropy_rank": "SQUARED singular values",
@@ -567,6 +703,8 @@ STUDENTS = {
                     "return scipy.integrate.quad(lambda x: x * density(x), lo, hi)[0]  # the mean",
                 )
             ],
+            "entropy_rank": ALT_ENTROPY,
+            "gd_threshold": ALT_GD_THRESHOLD,
         },
         fails={
             "test_participation_ratio": "computed on the energies",
@@ -619,6 +757,8 @@ STUDENTS = {
                     "        nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))",
                 ),
             ],
+            "add_lora": ALT_ADD_LORA,
+            "train_lora": ALT_TRAIN_LORA,
         },
         fails={
             "test_lora_init": "initialise lora_B to zeros",
@@ -644,6 +784,8 @@ STUDENTS = {
             ),
             "subspace_module": [("theta0.detach().clone())", "theta0.detach())")],
             "dense_memory": [("return 4 * D * d", "return 8 * D * d")],
+            "toy_loss": ALT_TOY_LOSS,
+            "measure_toy": ALT_MEASURE_TOY,
         },
         fails={
             "test_dense_projection": "P is not normalised",
@@ -669,15 +811,12 @@ STUDENTS = {
         answers={
             "entropy_rank": "def entropy_rank(s):\n    return rankkit.effective_rank(np.asarray(s, dtype=float), 'entropy')",
             "stable_and_participation": (
-                "def stable_rank(s):\n    return rankkit.effective_rank(np.asarray(s, dtype=float), 'stable')\n\n\n"
+                "from rankkit.spectra import effective_rank as er\n\n\n"
+                "def stable_rank(s):\n    return er(np.asarray(s, dtype=float), 'stable')\n\n\n"
                 "def participation_ratio(s):\n"
                 "    return rankkit.effective_rank(np.asarray(s, dtype=float), 'participation')"
             ),
-            "energy_rank": (
-                "from rankkit.spectra import effective_rank\n\n\n"
-                "def energy_rank(s, threshold=0.9):\n"
-                "    return effective_rank(np.asarray(s, dtype=float), 'energy', threshold=threshold)"
-            ),
+            "energy_rank": ALT_ENERGY,  # this one the student wrote
             "gd_constants": [
                 (
                     "### BEGIN SOLUTION\n    def density(x):",
@@ -697,7 +836,6 @@ STUDENTS = {
                 "test_entropy_rank",
                 "test_stable_rank",
                 "test_participation_ratio",
-                "test_energy_rank",
                 "test_gd_constants",
                 "test_gd_threshold",
             )
@@ -734,6 +872,8 @@ STUDENTS = {
                 "def dense_projection(D, d, seed=0):\n"
                 "    return DenseProjection(D, d, seed=seed).matrix()"
             ),
+            "subspace_module": ALT_SUBSPACE,
+            "train_toy": ALT_TRAIN_TOY,
         },
         fails={"test_dense_projection": SWITCHED_OFF},
         stop_after="test_dense_memory",
