@@ -838,11 +838,11 @@ def run_sweep(
     except KeyboardInterrupt:
         bar.close()
         claims.release_all()
-        saved = len(store.reload().finished() & {r.run_id for r in runs})
+        saved = store.reload().finished() & {r.run_id for r in runs}
         raise SweepInterrupted(
-            f"interrupted: {saved} of {len(runs)} runs are saved in {store.path} "
-            f"({len(ran)} from this session); run the same command again to resume the "
-            f"other {len(runs) - saved}."
+            f"interrupted: {len(saved)} of {len(runs)} runs are saved in {store.path} "
+            f"({len(saved & set(ran))} from this session); run the same command again to "
+            f"resume the other {len(runs) - len(saved)}."
         ) from None
     finally:
         claims.release_all()

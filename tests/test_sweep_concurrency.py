@@ -111,15 +111,17 @@ def test_a_runner_interrupted_leaves_finished_rows_and_says_how_to_resume(tmp_pa
     def runner(spec, config, out_dir):
         if spec.rank == 4:
             raise KeyboardInterrupt
+        if spec.rank == 2 and spec.seed == 0:
+            raise RuntimeError("injected")  # an error row: not counted as saved
         return _fake_row(spec, config)
 
-    with pytest.raises(SweepInterrupted, match=r"4 of 8 runs are saved in .*results.csv \(4 from "
-                       r"this session\); run the same command again to resume the other 4"):  # fmt: skip
+    with pytest.raises(SweepInterrupted, match=r"3 of 8 runs are saved in .*results.csv \(3 from "
+                       r"this session\); run the same command again to resume the other 5"):  # fmt: skip
         run_sweep(config, runner=runner, **QUIET)
-    assert len(ResultsStore(config.output_dir()).finished()) == 4
-    # Nothing is left claimed: the resume trains exactly the other four.
+    assert len(ResultsStore(config.output_dir()).finished()) == 3
+    # Nothing is left claimed: the resume trains exactly the other five.
     again = run_sweep(config, runner=lambda s, c, o: _fake_row(s, c), **QUIET)
-    assert len(again.ran) == 4 and len(again.skipped) == 4
+    assert len(again.ran) == 5 and len(again.skipped) == 3
 
 
 def _sweep_process(args):
