@@ -62,6 +62,10 @@ from rankkit.lora import (
     save_adapter,
 )
 
+# Extracting LoRA from a full fine-tune
+# isort: split
+from rankkit.extract import ExtractedAdapter, allocate_budget, extract_lora
+
 # Intrinsic dimension
 # isort: split
 from rankkit.intrinsic import (

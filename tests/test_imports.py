@@ -5,6 +5,7 @@ anything below it, never above)::
 
     checkpoints, devices, utils            shared helpers
     spectra, lora, projections             measurements and adapters
+    extract                                LoRA from a full fine-tune (spectra + lora)
     train                                  the one training loop
     tasks, subspace, plots                 models + data; subspace wrapper; figures
     methods, stacked                       one recipe per method; K runs in one model
@@ -29,6 +30,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rankkit"
 LAYERS = [
     ["rankkit.checkpoints", "rankkit.devices", "rankkit.utils"],
     ["rankkit.spectra", "rankkit.lora", "rankkit.projections"],
+    ["rankkit.extract"],
     ["rankkit.train"],
     ["rankkit.tasks", "rankkit.subspace", "rankkit.plots"],
     ["rankkit.methods", "rankkit.stacked"],

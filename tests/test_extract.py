@@ -1,0 +1,310 @@
+"""Extracting LoRA from a full fine-tune: planted ranks, PEFT round trips, optimal budgets.
+
+Ground truth: a planted rank-k update must come back to noise level and be found by
+rank="optimal"; the written adapter must load in PEFT and in rankkit and give
+base + the truncated ΔW computed here independently; budget allocations must equal
+brute force on small cases; bad input must name the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import rankkit
+from rankkit.checkpoints import CheckpointError, open_adapter
+from rankkit.extract import allocate_budget, extract_lora
+
+
+def planted(shape, k, seed, strength=1.0, noise=1e-3, dtype=torch.float64):
+    """(L, N): a rank-k matrix with singular values strength·(1 .. 0.4), and Gaussian noise."""
+    gen = torch.Generator().manual_seed(seed)
+    m, n = shape
+    U = torch.linalg.qr(torch.randn(m, k, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))[0]
+    L = U @ torch.diag(strength * torch.linspace(1.0, 0.4, k, dtype=torch.float64)) @ V.T
+    N = noise * torch.randn(m, n, generator=gen, dtype=torch.float64)
+    return L.to(dtype), N.to(dtype)
+
+
+def truncate(dW, r):
+    """Best rank-r approximation by numpy's SVD (independent of rankkit)."""
+    U, s, Vt = np.linalg.svd(np.asarray(dW, dtype=np.float64), full_matrices=False)
+    return (U[:, :r] * s[:r]) @ Vt[:r]
+
+
+def factors(adapter, module):
+    A = adapter.tensors[f"base_model.model.{module}.lora_A.weight"]
+    B = adapter.tensors[f"base_model.model.{module}.lora_B.weight"]
+    return B, A
+
+
+# --------------------------------------------------------------------------- planted ranks
+
+SHAPES = {"a.weight": ((64, 48), 1), "b.weight": ((48, 80), 3), "c.weight": ((96, 64), 6)}
+
+
+@pytest.fixture(scope="module")
+def planted_pair():
+    base, tuned, parts = {}, {}, {}
+    for i, (name, (shape, k)) in enumerate(SHAPES.items()):
+        W = torch.randn(
+            shape, generator=torch.Generator().manual_seed(100 + i), dtype=torch.float64
+        )
+        L, N = planted(shape, k, seed=i)
+        base[name], tuned[name], parts[name] = W, W + L + N, (L, N)
+    return base, tuned, parts
+
+
+def test_optimal_rank_finds_the_planted_ranks_and_reconstructs_them_to_noise_level(planted_pair):
+    base, tuned, parts = planted_pair
+    adapter = extract_lora(base, tuned, rank="optimal")
+    assert adapter.ranks == {name[: -len(".weight")]: k for name, (_, k) in SHAPES.items()}
+    for name, (L, N) in parts.items():
+        B, A = factors(adapter, name[: -len(".weight")])
+        error = float(torch.linalg.norm(B @ A - L))
+        # Eckart–Young: ||ΔW_k - ΔW|| <= ||N||, so ||ΔW_k - L|| <= 2 ||N||.
+        assert error <= 2 * float(torch.linalg.norm(N))
+        # To first order the estimate keeps the noise in its own row and column spaces,
+        # k(m + n) - k^2 entries' worth: error ~ sigma sqrt(k(m + n)), below ||N||.
+        (m, n), k = SHAPES[name]
+        assert error < 1.5 * 1e-3 * (k * (m + n)) ** 0.5
+        assert error < float(torch.linalg.norm(N))
+        # Balanced factors: B and A share their singular values.
+        np.testing.assert_allclose(
+            torch.linalg.svdvals(B), torch.linalg.svdvals(A), rtol=1e-10, atol=1e-12
+        )
+
+
+def test_a_fixed_rank_keeps_exactly_the_eckart_young_energy(planted_pair):
+    base, tuned, _ = planted_pair
+    adapter = extract_lora(base, tuned, rank=2)
+    assert set(adapter.ranks.values()) == {2}
+    for row in adapter.layers.itertuples():
+        dW = tuned[row.name] - base[row.name]
+        B, A = factors(adapter, row.module)
+        np.testing.assert_allclose(B @ A, truncate(dW, 2), atol=1e-10)
+        s = np.linalg.svd(dW.numpy(), compute_uv=False)
+        assert row.kept == pytest.approx(float((s[:2] ** 2).sum()), rel=1e-10)
+        assert row.energy == pytest.approx(float((s**2).sum()), rel=1e-10)
+        assert row.parameters == 2 * sum(dW.shape)
+    assert adapter.n_parameters == sum(2 * sum(s) for s, _ in SHAPES.values())
+
+
+def test_energy_rule_takes_the_smallest_rank_reaching_the_fraction(planted_pair):
+    base, tuned, _ = planted_pair
+    adapter = extract_lora(base, tuned, energy=0.8)
+    for row in adapter.layers.itertuples():
+        s2 = np.linalg.svd((tuned[row.name] - base[row.name]).numpy(), compute_uv=False) ** 2
+        cumulative = np.cumsum(s2) / s2.sum()
+        assert cumulative[row.rank - 1] >= 0.8 > (cumulative[row.rank - 2] if row.rank > 1 else 0)
+        assert row.kept_fraction >= 0.8
+
+
+# --------------------------------------------------------------------------- PEFT round trip
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+
+class Net(nn.Module):
+    """``fc`` and ``head.fc`` share a suffix: PEFT's pattern rule must not confuse them."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 12)
+        self.fc = nn.Linear(12, 16)
+        self.head = Head()
+        self.norm = nn.LayerNorm(16)
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, tokens):
+        h = self.emb(tokens).mean(1)
+        return self.out(self.norm(torch.relu(self.head.fc(torch.relu(self.fc(h))))))
+
+
+PLANTED = {"fc": 3, "head.fc": 2, "out": 2}
+
+
+@pytest.fixture(scope="module")
+def net_pair():
+    torch.manual_seed(0)
+    base = Net()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for i, (module, k) in enumerate(PLANTED.items()):
+            weight = tuned.get_submodule(module).weight
+            L, N = planted(tuple(weight.shape), k, seed=10 + i, strength=2.0, noise=1e-3)
+            weight += (L + N).float()
+            tuned.get_submodule(module).bias += 0.1  # not an update LoRA can hold
+        tuned.emb.weight += 0.5  # skipped: an embedding, not a linear layer
+    return base, tuned
+
+
+def reference_output(base, tuned, ranks, tokens):
+    """base with W + truncated ΔW (numpy SVD) in every extracted module; base biases."""
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        for module, r in ranks.items():
+            W0 = base.get_submodule(module).weight
+            dW = tuned.get_submodule(module).weight - W0
+            model.get_submodule(module).weight += torch.as_tensor(truncate(dW, r)).float()
+    return model(tokens)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [dict(rank="optimal"), dict(rank=2), dict(budget=250), dict(energy=0.95)],
+    ids=["optimal", "rank2", "budget", "energy"],
+)
+def test_extracted_adapter_loads_in_peft_and_rankkit_and_equals_base_plus_truncated_delta(
+    net_pair, rule, tmp_path
+):
+    peft = pytest.importorskip("peft")
+    base, tuned = net_pair
+    adapter = extract_lora(base, tuned, out=tmp_path, **rule)
+    assert adapter.skipped["emb.weight"].startswith("not a linear layer: nn.Embedding")
+    assert adapter.skipped["fc.bias"] == "1-D (bias or norm)"
+    if rule == dict(rank="optimal"):
+        assert adapter.ranks == PLANTED  # fc's own rank_pattern key must not leak to head.fc
+    tokens = torch.randint(0, 10, (7, 5), generator=torch.Generator().manual_seed(1))
+    expected = reference_output(base, tuned, adapter.ranks, tokens)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(config["rank_pattern"]) == sorted(config["alpha_pattern"])
+    for module, r in adapter.ranks.items():  # alpha = r everywhere, so s = 1
+        key = rankkit.checkpoints.peft_pattern_key(config["rank_pattern"], module)
+        assert (config["rank_pattern"][key] if key else config["r"]) == r
+        assert (config["alpha_pattern"][key] if key else config["lora_alpha"]) == r
+
+    with torch.no_grad():
+        ours = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)(tokens)
+        mine = rankkit.load_adapter(copy.deepcopy(base), tmp_path)(tokens)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mine, expected, atol=1e-5, rtol=0)
+    # And rankkit reads its own adapter back with the same ranks.
+    assert {m: info.r for m, info in open_adapter(tmp_path).modules.items()} == adapter.ranks
+
+
+def test_a_module_left_out_gets_no_adapter_even_when_another_name_ends_like_it(net_pair, tmp_path):
+    peft = pytest.importorskip("peft")
+    base, tuned = net_pair
+    adapter = extract_lora(base, tuned, rank=2, layers=r"^(fc|out)\.", out=tmp_path)
+    assert adapter.ranks == {"fc": 2, "out": 2}
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules()
+               if hasattr(m, "lora_A") and len(m.lora_A)}  # fmt: skip
+    assert adapted == {"fc", "out"}  # a list ["fc", "out"] would also adapt head.fc
+    rankkit.load_adapter(copy.deepcopy(base), tmp_path)  # the same modules, or it raises
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def brute_force(spectra, costs, budget):
+    best = 0.0
+    for ranks in itertools.product(*(range(len(s) + 1) for s in spectra)):
+        if sum(r * c for r, c in zip(ranks, costs)) <= budget:
+            best = max(best, sum(float((s[:r] ** 2).sum()) for s, r in zip(spectra, ranks)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_budget_allocation_is_optimal_against_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    spectra = [np.sort(rng.exponential(1.0, size=rng.integers(2, 5)))[::-1] for _ in range(3)]
+    costs = [int(c) for c in rng.choice([6, 8, 9, 12, 14], size=3)]
+    for budget in range(min(costs), sum(len(s) * c for s, c in zip(spectra, costs)) + 2):
+        optimum = brute_force(spectra, costs, budget)
+        exact = allocate_budget(spectra, costs, budget, method="exact")
+        assert exact.parameters <= budget
+        assert exact.kept == pytest.approx(optimum, rel=1e-12)
+        greedy = allocate_budget(spectra, costs, budget, method="greedy")
+        assert greedy.parameters <= budget
+        assert optimum - greedy.bound - 1e-12 <= greedy.kept <= optimum + 1e-12
+
+
+def test_greedy_is_not_always_optimal_so_the_exact_programme_matters():
+    # Layer 0: one unit, 10 parameters, energy 11 (1.1 per parameter); layer 1: two units
+    # of 6 parameters, energy 6 each (1.0). Budget 12: the greedy takes layer 0 first and
+    # then nothing fits (11); the optimum is both units of layer 1 (12).
+    spectra, costs = [np.sqrt([11.0]), np.sqrt([6.0, 6.0])], [10, 6]
+    exact = allocate_budget(spectra, costs, 12, method="exact")
+    assert exact.ranks == [0, 2] and exact.kept == pytest.approx(12.0)
+    greedy = allocate_budget(spectra, costs, 12, method="greedy")
+    assert greedy.ranks == [1, 0] and greedy.kept == pytest.approx(11.0)
+    assert greedy.bound == pytest.approx(6.0)  # 12 <= 11 + 6
+
+
+def concentrated_pair():
+    """Three 32x32 layers; layer 'big' holds almost all of ΔW's energy (rank 8)."""
+    base, tuned = {}, {}
+    for i, (name, strength) in enumerate((("big", 1.0), ("small1", 0.01), ("small2", 0.01))):
+        W = torch.zeros(32, 32, dtype=torch.float64)
+        L, N = planted((32, 32), 8, seed=20 + i, strength=strength, noise=1e-5)
+        base[f"{name}.weight"], tuned[f"{name}.weight"] = W, W + L + N
+    return base, tuned
+
+
+def test_budget_keeps_more_than_uniform_rank_at_the_same_cost_when_one_layer_dominates():
+    base, tuned = concentrated_pair()
+    uniform = extract_lora(base, tuned, rank=2)
+    budgeted = extract_lora(base, tuned, budget=uniform.n_parameters)
+    assert budgeted.n_parameters <= uniform.n_parameters
+    assert budgeted.kept_fraction > uniform.kept_fraction + 0.1
+    assert budgeted.ranks["big"] > 2
+    assert budgeted.allocation.method == "exact"
+
+
+@pytest.mark.parametrize("budget", [64, 100, 300, 1000, 5000])
+def test_extracted_parameters_never_exceed_the_budget(budget):
+    base, tuned = concentrated_pair()
+    adapter = extract_lora(base, tuned, budget=budget)
+    assert 0 < adapter.n_parameters <= budget
+    assert adapter.n_parameters == sum(int(t.numel()) for t in adapter.tensors.values())
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (dict(budget=63), r"budget=63 is below one rank-1 adapter .* at least 64"),
+        (dict(rank=33), r"rank=33 is above min\(out, in\) = 32 of 'big'"),
+        (dict(rank=2, energy=0.9), r"exactly one rule .* got rank=2 and energy=0.9"),
+        (dict(), r"exactly one rule .* got none"),
+        (dict(rank="best"), r"rank must be a positive integer or 'optimal'"),
+        (dict(rank=0), r"rank must be a positive integer"),
+        (dict(energy=1.5), r"energy must be a fraction in \(0, 1\]"),
+        (dict(budget=-5), r"budget must be a positive number"),
+    ],
+)
+def test_bad_rules_name_the_problem_and_the_fix(rule, message):
+    base, tuned = concentrated_pair()
+    with pytest.raises(ValueError, match=message):
+        extract_lora(base, tuned, **rule)
+
+
+def test_checkpoints_with_nothing_in_common_are_refused():
+    base = {f"encoder.{n}.weight": torch.zeros(4, 4) for n in ("q", "k", "v")}
+    tuned = {f"decoder.{n}.weight": torch.ones(4, 4) for n in ("x", "y", "z")}
+    with pytest.raises(CheckpointError, match="share no weight matrix"):
+        extract_lora(base, tuned, rank=1)
+
+
+def test_a_rule_that_gives_every_layer_rank_zero_says_so():
+    gen = torch.Generator().manual_seed(0)
+    base = {"noise.weight": torch.zeros(64, 64)}
+    tuned = {"noise.weight": torch.randn(64, 64, generator=gen)}  # no signal at all
+    with pytest.raises(ValueError, match="gives every layer rank 0"):
+        extract_lora(base, tuned, rank="optimal")
