@@ -39,6 +39,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -50,8 +51,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from rankkit.batched import fit_batched, max_batch_runs
+from rankkit.devices import resolve_device
 from rankkit.lora import LoraConfig, apply_lora, save_adapter
 from rankkit.methods import method_lr, prepare_run
 from rankkit.tasks import get_task
@@ -422,10 +425,6 @@ def _spec_row(spec: RunSpec, config: SweepConfig) -> dict[str, Any]:
 
 
 def _worker_init(threads: int) -> None:
-    import signal
-
-    import torch
-
     torch.set_num_threads(threads)
     # Ctrl-C is the parent's to handle: it stops the queue and keeps the runs in flight.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -682,11 +681,6 @@ def check_sweep_can_run(config: SweepConfig) -> None:
         With the problem and the fix (``rankkit.checkpoints.CheckpointError`` for base
         weights, ``ImportError`` for a missing extra).
     """
-    import torch
-
-    from rankkit.devices import resolve_device
-    from rankkit.tasks import get_task
-
     device = resolve_device(config.device)
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(
