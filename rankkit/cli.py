@@ -129,6 +129,63 @@ def _check_writable(option: str, path: str) -> None:
         raise ValueError(f"{option} {path}: the folder {str(folder)!r} is not writable.")
 
 
+# --------------------------------------------------------------------------- extract
+
+
+def _register_extract(subparsers) -> None:
+    p = _add_command(
+        subparsers,
+        "extract",
+        "Extract a LoRA adapter from a full fine-tune: the best rank-r approximation of each "
+        "layer's ΔW (truncated SVD), with ranks from one rule; writes a PEFT adapter folder.",
+        """
+        python -m rankkit extract base/ finetuned/ --out adapter/ --rank 8
+        python -m rankkit extract base.safetensors tuned.safetensors --out adapter/ --rank optimal
+        python -m rankkit extract base/ finetuned/ --out adapter/ --energy 0.9 --layers 'attn'
+        python -m rankkit extract base/ finetuned/ --out adapter/ --budget 200000
+        """,
+    )
+    p.add_argument("base", metavar="BASE", help="pretrained weights (file or model folder)")
+    p.add_argument("finetuned", metavar="FINETUNED", help="fully fine-tuned weights")
+    p.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write")
+    rule = p.add_argument_group("rank rule (exactly one)")
+    rule.add_argument(
+        "--rank", metavar="N|optimal",
+        help="N in every layer, or 'optimal': the Gavish-Donoho rank of each ΔW",
+    )  # fmt: skip
+    rule.add_argument(
+        "--energy", type=float, metavar="F",
+        help="smallest rank keeping fraction F of each layer's ||ΔW||_F^2",
+    )  # fmt: skip
+    rule.add_argument(
+        "--budget", type=int, metavar="P",
+        help="at most P adapter parameters, allocated to keep the most total energy",
+    )  # fmt: skip
+    p.add_argument("--layers", metavar="REGEX", help="only weight matrices whose name matches")
+    p.add_argument("--device", default="auto", help="where to run the SVDs: auto, cpu, cuda...")
+    p.set_defaults(func=_cmd_extract)
+
+
+def _cmd_extract(args) -> int:
+    from rankkit.checkpoints import compile_layers
+    from rankkit.devices import resolve_device
+    from rankkit.extract import extract_lora, rank_rule
+
+    rank = int(args.rank) if args.rank is not None and args.rank.isdigit() else args.rank
+    # Everything that could fail after reading the checkpoints is checked first.
+    rank_rule(rank, args.energy, args.budget)
+    compile_layers(args.layers)
+    resolve_device(args.device)
+    _check_writable("--out", args.out)
+    adapter = extract_lora(
+        args.base, args.finetuned, rank=rank, energy=args.energy, budget=args.budget,
+        layers=args.layers, out=args.out, device=args.device,
+    )  # fmt: skip
+    print(adapter.summary())
+    print(f"wrote {args.out} (adapter_config.json, adapter_model.safetensors)")
+    return 0
+
+
 # --------------------------------------------------------------------------- sweep / plot
 
 
@@ -473,6 +530,7 @@ def _cmd_finetune(args) -> int:
 
 _REGISTRARS = [
     _register_spectrum,
+    _register_extract,
     _register_sweep,
     _register_plot,
     _register_intrinsic_dim,

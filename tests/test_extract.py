@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import rankkit
-from rankkit.checkpoints import CheckpointError, open_adapter
+from rankkit.checkpoints import CheckpointError, open_adapter, save_state_dict
+from rankkit.cli import main
 from rankkit.extract import allocate_budget, extract_lora
 
 
@@ -308,3 +309,37 @@ def test_a_rule_that_gives_every_layer_rank_zero_says_so():
     tuned = {"noise.weight": torch.randn(64, 64, generator=gen)}  # no signal at all
     with pytest.raises(ValueError, match="gives every layer rank 0"):
         extract_lora(base, tuned, rank="optimal")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_extract_writes_an_adapter_and_prints_ranks_parameters_and_energy(
+    planted_pair, tmp_path, capsys
+):
+    base, tuned, _ = planted_pair
+    save_state_dict(base, tmp_path / "base.safetensors")
+    save_state_dict({f"model.{k}": v for k, v in tuned.items()}, tmp_path / "tuned.safetensors")
+    out = tmp_path / "adapter"
+    argv = ["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"),
+            "--out", str(out), "--rank", "optimal"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert 'rank="optimal"' in printed and "kept" in printed
+    total = sum(k * sum(shape) for shape, k in SHAPES.values())
+    assert f"total: {total:,} adapter parameters" in printed
+    report = rankkit.rank_report(tmp_path / "base.safetensors", out).set_index("name")
+    assert {n: int(r) for n, r in report["dW_numerical"].items()} == {
+        n: k for n, (_, k) in SHAPES.items()
+    }
+
+    assert main([*argv[:5], "--budget", "1000", "--layers", "^c"]) == 0
+    assert "budget 1,000" in capsys.readouterr().out
+    written = open_adapter(out)
+    assert list(written.modules) == ["c"]
+    assert 0 < sum(written.tensors[k].numel() for k in written.tensors) <= 1000
+
+    assert main([*argv[:5], "--rank", "2", "--energy", "0.9"]) == 1
+    assert "exactly one rule" in capsys.readouterr().err
+    assert main([*argv[:5], "--rank", "two"]) == 1
+    assert "rank must be a positive integer or 'optimal'" in capsys.readouterr().err
