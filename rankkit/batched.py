@@ -125,18 +125,18 @@ __all__ = [
 
 #: Largest number of runs trained together when the caller does not say (see
 #: :func:`max_batch_runs`). On a CPU, batching only applies to small steps, and the
-#: default digits sweep ran 3.07x faster than one run at a time in groups of 6 and
-#: 3.47x as one batch of 18 (benchmarks/README.md); a killed sweep loses at most the
-#: batch in flight, a few seconds of such runs. A GPU keeps gaining up to many more runs.
+#: default digits sweep is fastest as one batch of 18 (benchmarks/README.md); a killed
+#: sweep loses at most the batch in flight, a few seconds of such runs. A GPU keeps
+#: gaining up to many more runs.
 DEFAULT_MAX_RUNS = {"cpu": 18, "cuda": 64, "mps": 16}
 #: Fraction of the free memory that a batch may plan to use.
 MEMORY_FRACTION = 0.5
 #: On a CPU, batching pays while a run's training step is small, so that Python and
 #: per-operation overhead dominate it. A step that keeps more activations than this
 #: for backward is compute-bound on a CPU: stacking runs does the same arithmetic on
-#: larger tensors and is no faster (measured in benchmarks/README.md: digits, 0.16 MiB
-#: per run and step, about 3x faster batched; topics, 22 MiB, 0.9-1.1x). Such runs are
-#: trained one at a time on a CPU unless ``max_runs`` is given.
+#: larger tensors and is no faster (benchmarks/README.md: the digits MLP's step is far
+#: below this and batches well, the topics transformer's far above and does not). Such
+#: runs are trained one at a time on a CPU unless ``max_runs`` is given.
 CPU_SMALL_STEP_BYTES = 8 * 2**20
 
 

@@ -72,9 +72,9 @@ def param_groups(
     ]
 
 
-#: Devices where AdamW runs its fused kernel (one pass over each tensor). Measured on
-#: the digits task on a CPU (benchmarks/README.md): 10-17% faster per run than the
-#: per-tensor loop, for one run and for a batch of six.
+#: Devices where AdamW runs its fused kernel (one pass over each tensor): faster than
+#: the per-tensor loop for one run and for a batch of runs alike
+#: (``benchmarks/bench_fused.py``, results in benchmarks/README.md).
 FUSED_DEVICES = ("cpu", "cuda")
 
 
