@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 import rankkit
-from rankkit.figures import FIGURES, make_figures
 from rankkit.intrinsic import HyperplaneProblem, TaskProblem, estimate_intrinsic_dimension
 from rankkit.methods import finetune
 from rankkit.sweep import write_sweep_figures
@@ -565,9 +564,13 @@ def _register_figures(subparsers) -> None:
 
 
 def _cmd_figures(args) -> int:
+    # Drawing modules load matplotlib (seconds); only the commands that draw import them,
+    # after choosing the file-only backend.
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
+    from rankkit.figures import FIGURES, make_figures
+
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = make_figures(
