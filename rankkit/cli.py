@@ -142,6 +142,7 @@ def _register_extract(subparsers) -> None:
         python -m rankkit extract base.safetensors tuned.safetensors --out adapter/ --rank optimal
         python -m rankkit extract base/ finetuned/ --out adapter/ --energy 0.9 --layers 'attn'
         python -m rankkit extract base/ finetuned/ --out adapter/ --budget 200000
+        python -m rankkit extract runs/digits-full/base.safetensors runs/digits-full/finetuned.safetensors --out adapter/ --rank 4 --modules-to-save head
         """,
     )
     p.add_argument("base", metavar="BASE", help="pretrained weights (file or model folder)")
@@ -161,6 +162,10 @@ def _register_extract(subparsers) -> None:
         help="at most P adapter parameters, allocated to keep the most total energy",
     )  # fmt: skip
     p.add_argument("--layers", metavar="REGEX", help="only weight matrices whose name matches")
+    p.add_argument(
+        "--modules-to-save", nargs="+", metavar="NAME",
+        help="modules copied in full from the fine-tune (a new head), as PEFT's modules_to_save",
+    )  # fmt: skip
     p.add_argument("--device", default="auto", help="where to run the SVDs: auto, cpu, cuda...")
     p.set_defaults(func=_cmd_extract)
 
@@ -178,7 +183,8 @@ def _cmd_extract(args) -> int:
     _check_writable("--out", args.out)
     adapter = extract_lora(
         args.base, args.finetuned, rank=rank, energy=args.energy, budget=args.budget,
-        layers=args.layers, out=args.out, device=args.device,
+        layers=args.layers, modules_to_save=args.modules_to_save, out=args.out,
+        device=args.device,
     )  # fmt: skip
     print(adapter.summary())
     print(f"wrote {args.out} (adapter_config.json, adapter_model.safetensors)")

@@ -101,6 +101,7 @@ from rankkit.checkpoints import (
     open_checkpoint,
     peft_pattern_key,
     save_state_dict,
+    short_list,
 )
 from rankkit.devices import resolve_device
 from rankkit.lora import LoraConfig
@@ -116,6 +117,7 @@ from rankkit.spectra import (
 # The exact budget allocation runs a dynamic programme of about
 # sum_l (max rank_l + 1) * (budget / g) steps; above this many it uses the greedy.
 EXACT_ALLOCATION_MAX_STEPS = 50_000_000
+_FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
 # --------------------------------------------------------------------------- the rule
@@ -320,7 +322,8 @@ class ExtractedAdapter:
     config : dict
         The ``adapter_config.json`` content (PEFT's LoRA format).
     tensors : dict of str to torch.Tensor
-        ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``.
+        ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight``, and
+        ``base_model.model.<module>.<param>`` for ``modules_to_save``.
     layers : pandas.DataFrame
         One row per weight matrix considered: ``name``, ``module``, ``rows``, ``cols``,
         ``rank``, ``parameters`` (``rank * (rows + cols)``), ``energy``
@@ -352,6 +355,13 @@ class ExtractedAdapter:
     def n_parameters(self) -> int:
         """Adapter parameters: ``sum(rank * (rows + cols))``."""
         return int(self.layers["parameters"].sum())
+
+    @property
+    def n_saved_parameters(self) -> int:
+        """Parameters of ``modules_to_save``, copied in full (not in ``n_parameters``)."""
+        return sum(
+            int(t.numel()) for k, t in self.tensors.items() if not k.endswith(_FACTOR_SUFFIXES)
+        )
 
     @property
     def kept_fraction(self) -> float:
@@ -394,6 +404,11 @@ class ExtractedAdapter:
                 + f", budget {self.rule.value:,}"
             )
         lines.append(total)
+        if self.n_saved_parameters:
+            lines.append(
+                f"plus {self.n_saved_parameters:,} parameters of modules_to_save "
+                f"({', '.join(self.config['modules_to_save'])}), copied in full"
+            )
         skipped = format_skipped(self.skipped)
         if skipped:
             lines.append(skipped)
@@ -408,6 +423,7 @@ def extract_lora(
     energy: float | None = None,
     budget: int | None = None,
     layers: str | None = None,
+    modules_to_save: Sequence[str] | None = None,
     out: str | os.PathLike | None = None,
     device: str | torch.device | None = "auto",
 ) -> ExtractedAdapter:
@@ -429,6 +445,12 @@ def extract_lora(
         the most total energy (:func:`allocate_budget`).
     layers : str, optional
         Regular expression (``re.search``) selecting weight names.
+    modules_to_save : list of str, optional
+        Modules copied in full from the fine-tune instead (every parameter, biases
+        included), e.g. a new classification head, as PEFT's ``modules_to_save``.
+        An entry matches a module named like it or ending in ``"." + entry``
+        (``"head"``: ``head``, ``cls.head``); the config lists the full names found.
+        Their parameters are not counted in ``budget``.
     out : path, optional
         Write the adapter folder here (``adapter_config.json`` +
         ``adapter_model.safetensors``), loadable with ``peft.PeftModel.from_pretrained``
@@ -471,7 +493,11 @@ def extract_lora(
     device = resolve_device(device)
     plan = plan_updates(base, finetuned, layers)
     skipped = dict(plan.skipped)
+    saved, saved_modules = {}, None
+    if modules_to_save:
+        saved, saved_modules = _saved_modules(base, finetuned, modules_to_save, skipped)
     candidates = _linear_layers(plan.layers, base, finetuned, layers, skipped)
+    candidates = {m: u for m, u in candidates.items() if f"{PEFT_PREFIX}{m}.weight" not in saved}
     if not candidates:
         raise ValueError(
             "extract_lora: no weight matrix of a linear layer to extract; "
@@ -507,7 +533,11 @@ def extract_lora(
             "write (ΔW looks like noise to this rule, or the budget is too small); choose "
             "a fixed rank=N or a larger budget."
         )
-    config = _peft_config(table, known=[*candidates, *_module_names(skipped)], base=base)
+    config = _peft_config(
+        table, known=[*candidates, *_module_names(skipped)], base=base,
+        modules_to_save=saved_modules,
+    )  # fmt: skip
+    tensors.update(saved)
     extracted = ExtractedAdapter(config, tensors, table, skipped, rule, allocation)
     if out is not None:
         extracted.save(out)
@@ -587,6 +617,50 @@ def _linear_layers(
     return out
 
 
+def _saved_modules(
+    base: StateSource, finetuned: StateSource, entries: Sequence[str], skipped: dict[str, str]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``{PEFT key: fine-tuned tensor}`` of every parameter of the modules to save, and
+    the base's names of those modules."""
+    if is_adapter(finetuned):
+        raise ValueError(
+            "modules_to_save copies modules from a fine-tuned checkpoint; an adapter has none."
+        )
+    entries = [entries] if isinstance(entries, str) else list(entries)
+    base_ckpt = open_checkpoint(base, name="base")
+    ft_ckpt = open_checkpoint(finetuned, name="finetuned")
+    matching = match_checkpoints(base_ckpt, ft_ckpt)
+    tensors, modules, used = {}, {}, set()
+    for ft_key in ft_ckpt:
+        name = ft_key.removeprefix(matching.finetuned_prefix)
+        parts = name.split(".")
+        owners = [".".join(parts[:i]) for i in range(1, len(parts))]
+        match = [(o, e) for e in entries for o in owners if o == e or o.endswith("." + e)]
+        if not match:
+            continue
+        owner, entry = match[0]
+        used.add(entry)
+        base_key = next(
+            (k for k in (matching.base_prefix + name, name) if k in base_ckpt.info), None
+        )
+        if base_key is None or base_ckpt.info[base_key].shape != ft_ckpt.info[ft_key].shape:
+            why = "is not in the base" if base_key is None else "changed shape"
+            raise ValueError(
+                f"modules_to_save {entry!r}: {name} {why}; PEFT loads a saved module onto the "
+                "base's module of the same shape. Save only modules both models have."
+            )
+        tensors[f"{PEFT_PREFIX}{base_key}"] = ft_ckpt[ft_key]
+        modules[base_key[: len(base_key) - len(name) + len(owner)]] = None
+        skipped.pop(name, None)
+    unused = [e for e in entries if e not in used]
+    if unused:
+        raise ValueError(
+            f"modules_to_save {unused[0]!r} matches no module of the fine-tuned model; "
+            f"its modules include {short_list(sorted(_module_names(dict.fromkeys(ft_ckpt))))}."
+        )
+    return tensors, list(modules)
+
+
 def _module_types(*sources: Any) -> Callable[[str], type | None]:
     """The class of module ``name`` in whichever source is an nn.Module (None if unknown)."""
     modules = [s for s in sources if isinstance(s, nn.Module)]
@@ -626,7 +700,9 @@ def _check_rule_fits(rule: RankRule, candidates: Mapping[str, LayerUpdate]) -> N
             )
 
 
-def _peft_config(table: pd.DataFrame, known: list[str], base: Any) -> dict[str, Any]:
+def _peft_config(
+    table: pd.DataFrame, known: list[str], base: Any, modules_to_save: list[str] | None
+) -> dict[str, Any]:
     """adapter_config.json: the most common rank as ``r``, the others as patterns; alpha = r."""
     ranks = {m: int(r) for m, r in zip(table["module"], table["rank"]) if r > 0}
     default = Counter(ranks.values()).most_common(1)[0][0]
@@ -634,7 +710,7 @@ def _peft_config(table: pd.DataFrame, known: list[str], base: Any) -> dict[str, 
     targets = _exact_targets(list(ranks), known)
     config = LoraConfig(
         r=default, lora_alpha=default, target_modules=targets,
-        rank_pattern=pattern, alpha_pattern=pattern,
+        rank_pattern=pattern, alpha_pattern=pattern, modules_to_save=modules_to_save,
     ).to_peft_dict()  # fmt: skip
     if isinstance(base, (str, os.PathLike)):
         config["base_model_name_or_path"] = str(base)

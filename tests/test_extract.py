@@ -208,6 +208,29 @@ def test_a_module_left_out_gets_no_adapter_even_when_another_name_ends_like_it(n
     rankkit.load_adapter(copy.deepcopy(base), tmp_path)  # the same modules, or it raises
 
 
+def test_modules_to_save_travel_in_full_and_load_in_peft_and_rankkit(net_pair, tmp_path):
+    peft = pytest.importorskip("peft")
+    base, tuned = net_pair
+    # PEFT matches modules_to_save by a plain string suffix ("out" would also take
+    # "fc.lora_dropout"), so the config lists full names: here "head.fc".
+    adapter = extract_lora(base, tuned, rank=2, modules_to_save=["head.fc"], out=tmp_path)
+    assert adapter.ranks == {"fc": 2, "out": 2}  # head.fc is saved, not factored
+    assert adapter.config["modules_to_save"] == ["head.fc"]
+    assert adapter.n_saved_parameters == 16 * 16 + 16
+    assert "head.fc.bias" not in adapter.skipped
+    tokens = torch.randint(0, 10, (7, 5), generator=torch.Generator().manual_seed(2))
+    reference = copy.deepcopy(base)
+    reference.head.fc = copy.deepcopy(tuned.head.fc)  # weight and bias as fine-tuned
+    expected = reference_output(reference, tuned, adapter.ranks, tokens)
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)(tokens)
+        ours = rankkit.load_adapter(copy.deepcopy(base), tmp_path)(tokens)
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="modules_to_save 'classifier' matches no module"):
+        extract_lora(base, tuned, rank=2, modules_to_save=["classifier"])
+
+
 # --------------------------------------------------------------------------- budgets
 
 
@@ -333,6 +356,8 @@ def test_cli_extract_writes_an_adapter_and_prints_ranks_parameters_and_energy(
         n: k for n, (_, k) in SHAPES.items()
     }
 
+    assert main([*argv[:5], "--rank", "1", "--layers", "^c", "--modules-to-save", "a"]) == 0
+    assert "plus 3,072 parameters of modules_to_save (a), copied in full" in capsys.readouterr().out
     assert main([*argv[:5], "--budget", "1000", "--layers", "^c"]) == 0
     assert "budget 1,000" in capsys.readouterr().out
     written = open_adapter(out)
