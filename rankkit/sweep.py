@@ -31,6 +31,7 @@ instance, with per-run CPU and (fractional) GPU requests.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib.util
@@ -43,6 +44,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -559,6 +561,23 @@ def _unlock(fh) -> None:
     fh.close()  # closing releases a flock
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold a Ctrl-C until the block has run, then raise it (main thread only)."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # only Python's own Ctrl-C handler is replaced (and only where it can be)
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 class _DirectoryLock:
     """The sweep directory's lock (``<out>/.lock``): held while config.json or results.csv change."""
 
@@ -764,10 +783,13 @@ def run_sweep(
     shown: dict[str, float] = {}  # the part of a batched run the bar already shows
 
     def done(row: dict[str, Any]) -> None:
-        store.record(row)
-        claims.release(row["run_id"], done=True)
-        settled.add(row["run_id"])
-        ran.append(row["run_id"])
+        if row["run_id"] in settled:
+            return  # recorded already (finished runs are handed over again after Ctrl-C)
+        with _interrupts_deferred():  # a finished run is recorded whole, Ctrl-C or not
+            store.record(row)
+            claims.release(row["run_id"], done=True)
+            settled.add(row["run_id"])
+            ran.append(row["run_id"])
         bar.update(1 - shown.pop(row["run_id"], 0.0))
         if row["status"] != "ok":
             log(f"run {row['run_id']} failed: {row['error']}")
@@ -968,7 +990,7 @@ def _claim_directory(out_dir: Path, config: SweepConfig, force: bool) -> None:
 
 def _run_processes(todo, config, out_dir, runner, done, log=print) -> None:
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import ProcessPoolExecutor, as_completed, wait
 
     threads = max(1, (os.cpu_count() or 1) // config.jobs)
     with ProcessPoolExecutor(
@@ -982,14 +1004,17 @@ def _run_processes(todo, config, out_dir, runner, done, log=print) -> None:
             for future in as_completed(futures):
                 done(future.result())
         except KeyboardInterrupt:
-            # Queued runs never start; the runs in flight finish and are kept.
+            # Queued runs never start; the runs in flight finish, and every finished run
+            # is kept (done() skips those it recorded already).
             for future in futures:
                 future.cancel()
             running = [f for f in futures if not f.done()]
             if running:
                 log(f"Ctrl-C: keeping the {len(running)} run(s) in flight, which finish first")
-            for future in as_completed(running):
-                done(future.result())
+            wait(running)
+            for future in futures:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    done(future.result())
             raise
 
 

@@ -124,6 +124,20 @@ def test_a_runner_interrupted_leaves_finished_rows_and_says_how_to_resume(tmp_pa
     assert len(again.ran) == 5 and len(again.skipped) == 3
 
 
+def test_a_ctrl_c_during_the_recording_of_a_finished_run_waits_for_it(tmp_path, monkeypatch):
+    config = SweepConfig(**CONFIG, baselines=False, out=str(tmp_path / "cut"))
+    record = ResultsStore.record
+
+    def interrupted_while_recording(self, row):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the middle of the write
+        record(self, row)
+
+    monkeypatch.setattr(ResultsStore, "record", interrupted_while_recording)
+    with pytest.raises(SweepInterrupted, match=r"^interrupted: 1 of 8 runs are saved"):
+        run_sweep(config, runner=lambda s, c, o: _fake_row(s, c), **QUIET)
+    assert len(ResultsStore(config.output_dir()).finished()) == 1
+
+
 def _sweep_process(args):
     return subprocess.Popen(
         [sys.executable, "-m", "rankkit", *args],
