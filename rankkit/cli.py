@@ -206,6 +206,7 @@ def _register_sweep(subparsers) -> None:
         python -m rankkit sweep --ranks 1,4,16 --seeds 0 --alpha 2r --rslora --out runs/quick
         python -m rankkit sweep --config sweep.toml --jobs 2      # flags override the file
         python -m rankkit sweep --executor ray --ray-address auto --gpus-per-run 0.25
+        python -m rankkit sweep --out runs/shared          # in two terminals at once: they share the runs
         """,
     )
     p.add_argument("--config", metavar="TOML", help="sweep config file (same keys as the flags)")
@@ -226,7 +227,11 @@ def _register_sweep(subparsers) -> None:
     p.add_argument("--no-baselines", dest="baselines", action="store_false", default=None,
                    help="skip full fine-tuning and frozen-base runs")  # fmt: skip
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, mps")
-    p.add_argument("--out", metavar="DIR", help="output directory (default runs/<task>-sweep)")
+    p.add_argument(
+        "--out", metavar="DIR",
+        help="output directory (default runs/<task>-sweep); re-run to resume, or run the same "
+        "command in other terminals to share the work",
+    )  # fmt: skip
     p.add_argument("--jobs", type=int, help="local worker processes (default 1)")
     p.add_argument("--executor", help="local (default) or ray")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start a local one)")
