@@ -136,18 +136,20 @@ def _register_extract(subparsers) -> None:
         subparsers,
         "extract",
         "Extract a LoRA adapter from a full fine-tune: the best rank-r approximation of each "
-        "layer's ΔW (truncated SVD), with ranks from one rule; writes a PEFT adapter folder.",
+        "layer's ΔW (truncated SVD), with ranks from one rule; writes a PEFT adapter folder. "
+        "With --task: what each budget buys (uniform, energy and budget ranks, test metric).",
         """
         python -m rankkit extract base/ finetuned/ --out adapter/ --rank 8
         python -m rankkit extract base.safetensors tuned.safetensors --out adapter/ --rank optimal
         python -m rankkit extract base/ finetuned/ --out adapter/ --energy 0.9 --layers 'attn'
         python -m rankkit extract base/ finetuned/ --out adapter/ --budget 200000
         python -m rankkit extract runs/digits-full/base.safetensors runs/digits-full/finetuned.safetensors --out adapter/ --rank 4 --modules-to-save head
+        python -m rankkit extract --task digits --budgets 832,1664,3328,6656,13312 --seeds 0,1,2 --out runs/digits-extract
         """,
     )
-    p.add_argument("base", metavar="BASE", help="pretrained weights (file or model folder)")
-    p.add_argument("finetuned", metavar="FINETUNED", help="fully fine-tuned weights")
-    p.add_argument("--out", required=True, metavar="DIR", help="adapter folder to write")
+    p.add_argument("base", nargs="?", metavar="BASE", help="pretrained weights (file or folder)")
+    p.add_argument("finetuned", nargs="?", metavar="FINETUNED", help="fully fine-tuned weights")
+    p.add_argument("--out", required=True, metavar="DIR", help="adapter folder (--task: runs)")
     rule = p.add_argument_group("rank rule (exactly one)")
     rule.add_argument(
         "--rank", metavar="N|optimal",
@@ -164,9 +166,19 @@ def _register_extract(subparsers) -> None:
     p.add_argument("--layers", metavar="REGEX", help="only weight matrices whose name matches")
     p.add_argument(
         "--modules-to-save", nargs="+", metavar="NAME",
-        help="modules copied in full from the fine-tune (a new head), as PEFT's modules_to_save",
+        help="modules copied in full from the fine-tune (a new head), as PEFT's "
+        "modules_to_save (--task: default the task's head)",
     )  # fmt: skip
     p.add_argument("--device", default="auto", help="where to run the SVDs: auto, cpu, cuda...")
+    task = p.add_argument_group("what each budget buys (instead of BASE FINETUNED and a rule)")
+    task.add_argument("--task", help="fine-tune this built-in task in full, then extract")
+    task.add_argument("--budgets", metavar="LIST", help="adapter parameter budgets, e.g. 832,1664")
+    task.add_argument("--seeds", metavar="LIST", default="0", help="fine-tuning seeds (default 0)")
+    task.add_argument(
+        "--sweep", metavar="DIR",
+        help="a sweep folder of the same task: its trained LoRA runs join the figure",
+    )  # fmt: skip
+    _add_threads(p)
     p.set_defaults(func=_cmd_extract)
 
 
@@ -175,6 +187,13 @@ def _cmd_extract(args) -> int:
     from rankkit.devices import resolve_device
     from rankkit.extract import extract_lora, rank_rule
 
+    if args.task or args.budgets:
+        return _extract_task(args)
+    if not (args.base and args.finetuned):
+        raise SystemExit(
+            "extract: give BASE FINETUNED and one rule (--rank, --energy, --budget), or "
+            "--task T --budgets LIST. See python -m rankkit extract --help."
+        )
     rank = int(args.rank) if args.rank is not None and args.rank.isdigit() else args.rank
     # Everything that could fail after reading the checkpoints is checked first.
     rank_rule(rank, args.energy, args.budget)
@@ -189,6 +208,146 @@ def _cmd_extract(args) -> int:
     print(adapter.summary())
     print(f"wrote {args.out} (adapter_config.json, adapter_model.safetensors)")
     return 0
+
+
+def _extract_task(args) -> int:
+    """Full fine-tune per seed; extract at each budget three ways; evaluate; CSV + figure."""
+    import pandas as pd
+
+    from rankkit.sweep import parse_int_list
+
+    if args.base or args.finetuned or args.rank or args.energy or args.budget:
+        raise SystemExit("extract --task: give --budgets, not BASE FINETUNED or a rule.")
+    if not (args.task and args.budgets):
+        raise SystemExit("extract: --task and --budgets go together.")
+    budgets = parse_int_list(args.budgets, "--budgets")
+    seeds = parse_int_list(args.seeds, "--seeds", minimum=0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = rankkit.get_task(args.task)
+    saved = args.modules_to_save or list(task.head_modules)
+    out = Path(args.out)
+    metric = f"test_{task.metric_name}"
+    rows = [row for seed in seeds for row in _extract_seed(task, seed, budgets, saved, out, args)]
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "extraction.csv", index=False)
+    summary = (
+        table.groupby(["allocation", "budget"], dropna=False)
+        .agg(parameters=("parameters", "mean"), kept_fraction=("kept_fraction", "mean"),
+             mean=(metric, "mean"), std=(metric, "std"), runs=(metric, "size"))
+        .reset_index()
+    )  # fmt: skip
+    print(summary.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    trained = None
+    if args.sweep:
+        runs = rankkit.load_results(args.sweep)
+        runs = runs[(runs["method"] == "lora") & (runs["status"] == "ok")]
+        runs = runs[runs["task"] == task.name]
+        trained = (
+            runs.groupby(["targets", "rank"])
+            .agg(parameters=("trainable_params", "mean"), mean=("test_metric", "mean"),
+                 std=("test_metric", "std"), runs=("test_metric", "size"))
+            .reset_index()
+        )  # fmt: skip
+        print("trained LoRA (sweep):")
+        print(trained.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    figure = out / f"{task.name}_extraction_budget_vs_quality.png"
+    _plot_extraction(summary, task, saved, figure, trained)
+    print(f"wrote {out / 'extraction.csv'} and {figure}")
+    return 0
+
+
+def _extract_seed(task, seed: int, budgets: list[int], saved: list[str], out: Path, args):
+    """One seed of ``extract --task``: fine-tune, then every budget three ways."""
+    from rankkit.checkpoints import load_state_dict
+    from rankkit.extract import extract_lora
+
+    metric = f"test_{task.metric_name}"
+    full, paths = finetune(task, out / f"seed{seed}", method="full", seed=seed, progress=False)
+    frozen, _ = finetune(task, None, method="frozen", seed=seed, progress=False)
+    base, tuned = load_state_dict(paths["base"]), load_state_dict(paths["finetuned"])
+    rows = [
+        dict(seed=seed, allocation=name, budget=None, parameters=result.trainable_params,
+             kept_fraction=None, ranks="", **{metric: result.metrics[metric]})
+        for name, result in (("full fine-tuning", full), ("frozen base", frozen))
+    ]  # fmt: skip
+
+    def extract(**rule):
+        return extract_lora(base, tuned, layers=args.layers, modules_to_save=saved,
+                            device=args.device, **rule)  # fmt: skip
+
+    def evaluate(adapter, where: Path) -> float:
+        adapter.save(where)
+        model = task.build_model(pretrained=False, seed=seed)
+        model.load_state_dict(base)
+        return task.evaluate(rankkit.load_adapter(model, where), "test")
+
+    unit = extract(rank=1).n_parameters  # uniform rank r costs r * unit
+    for budget in budgets:
+        adapters = {
+            "uniform": extract(rank=budget // unit) if budget >= unit else None,
+            "energy": _energy_within(extract, budget),
+            "budget": extract(budget=budget),
+        }
+        for name, adapter in adapters.items():
+            if adapter is None:
+                continue
+            score = evaluate(adapter, out / f"seed{seed}" / f"{name}-{budget}")
+            rows.append(dict(
+                seed=seed, allocation=name, budget=budget,
+                parameters=adapter.n_parameters + adapter.n_saved_parameters,
+                kept_fraction=adapter.kept_fraction,
+                ranks=" ".join(f"{m}:{r}" for m, r in adapter.ranks.items()),
+                **{metric: score},
+            ))  # fmt: skip
+            print(f"seed {seed} budget {budget:>7,} {name:>8}: {metric} {score:.4f}, "
+                  f"{rows[-1]['parameters']:,} parameters, {100 * adapter.kept_fraction:.1f}% "
+                  f"energy, ranks {rows[-1]['ranks']}")  # fmt: skip
+    return rows
+
+
+def _energy_within(extract, budget: int, steps: int = 30):
+    """The energy rule with the largest fraction whose adapter fits in ``budget`` (bisection)."""
+    low, high, best = 0.0, 1.0, None
+    for _ in range(steps):
+        mid = (low + high) / 2
+        adapter = extract(energy=mid)
+        if adapter.n_parameters <= budget:
+            low, best = mid, adapter
+        else:
+            high = mid
+    return best
+
+
+def _plot_extraction(summary, task, saved: list[str], path: Path, trained=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {"uniform": ("o", 9, "-"), "energy": ("s", 5, "--"), "budget": ("^", 6, ":")}
+    for name, (marker, size, line) in styles.items():  # uniform under the others, hollow
+        part = summary[summary["allocation"] == name].sort_values("parameters")
+        ax.errorbar(part["parameters"], part["mean"], yerr=part["std"].fillna(0), marker=marker,
+                    markersize=size, linestyle=line, capsize=3,
+                    markerfacecolor="none" if name == "uniform" else None,
+                    label=f"extracted, {name} ranks")  # fmt: skip
+    for targets, part in [] if trained is None else trained.groupby("targets"):
+        part = part.sort_values("parameters")
+        ax.errorbar(part["parameters"], part["mean"], yerr=part["std"].fillna(0), marker="x",
+                    capsize=3, color="black", label=f"trained LoRA ({targets})")  # fmt: skip
+    for name, style in (("full fine-tuning", "--"), ("frozen base", ":")):
+        row = summary[summary["allocation"] == name].iloc[0]
+        ax.axhline(row["mean"], linestyle=style, color="gray", label=f"{name} ({row['mean']:.3f})")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"adapter parameters (LoRA factors + {', '.join(saved)} in full)")
+    ax.set_ylabel(f"test {task.metric_name}")
+    runs = int(summary["runs"].max())
+    ax.set_title(f"{task.name}: LoRA extracted from a full fine-tune (mean ± sd, {runs} seeds)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- sweep / plot

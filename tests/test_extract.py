@@ -368,3 +368,31 @@ def test_cli_extract_writes_an_adapter_and_prints_ranks_parameters_and_energy(
     assert "exactly one rule" in capsys.readouterr().err
     assert main([*argv[:5], "--rank", "two"]) == 1
     assert "rank must be a positive integer or 'optimal'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_extract_task_evaluates_each_budget_three_ways_next_to_the_baselines(tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "digits"
+    threads = torch.get_num_threads()  # --threads 1 sets it for the whole process
+    assert main(["extract", "--task", "digits", "--budgets", "832,2000", "--seeds", "0",
+                 "--out", str(out), "--threads", "1"]) == 0  # fmt: skip
+    torch.set_num_threads(threads)
+    table = pd.read_csv(out / "extraction.csv")
+    assert (out / "digits_extraction_budget_vs_quality.png").stat().st_size > 0
+    head = 256 * 10 + 10  # digits' head, copied in full
+    lora = table[table["budget"].notna()]
+    assert set(lora["allocation"]) == {"uniform", "energy", "budget"}
+    assert ((lora["parameters"] - head) <= lora["budget"]).all()
+    # fc1 (256x64) and fc2 (256x256): uniform rank 1 costs 832, so 2000 buys rank 2.
+    uniform = lora[lora["allocation"] == "uniform"].set_index("budget")
+    assert uniform.loc[832, "parameters"] == 832 + head
+    assert uniform.loc[2000, "ranks"] == "fc1:2 fc2:2"
+    baselines = table[table["budget"].isna()].set_index("allocation")
+    assert baselines.loc["frozen base", "parameters"] == head
+    assert (
+        baselines.loc["full fine-tuning", "parameters"]
+        == rankkit.get_task("digits").num_parameters()
+    )
+    assert lora["test_accuracy"].between(0, 1).all()
