@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -238,6 +239,10 @@ def _extract_task(args) -> int:
         .reset_index()
     )  # fmt: skip
     print(summary.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    print(f"against uniform ranks at the same budget, paired by seed ({metric}):")
+    for row in _against_uniform(table, metric):
+        print(f"  budget {row['budget']:>7,.0f} {row['allocation']:>6}: {row['difference']:+.4f} "
+              f"± {row['sd']:.4f} (sd over {row['seeds']} seeds): {row['verdict']}")  # fmt: skip
     trained = None
     if args.sweep:
         runs = rankkit.load_results(args.sweep)
@@ -303,6 +308,37 @@ def _extract_seed(task, seed: int, budgets: list[int], saved: list[str], out: Pa
             print(f"seed {seed} budget {budget:>7,} {name:>8}: {metric} {score:.4f}, "
                   f"{rows[-1]['parameters']:,} parameters, {100 * adapter.kept_fraction:.1f}% "
                   f"energy, ranks {rows[-1]['ranks']}")  # fmt: skip
+    return rows
+
+
+def _against_uniform(table, metric: str) -> list[dict]:
+    """Energy and budget ranks minus uniform ranks, per budget, paired by seed (same fine-tune).
+
+    The verdict is "within seed noise" unless a two-sided paired t-test rejects a zero
+    mean difference at 5% (``|mean| >= t_0.975(n-1) * sd / sqrt(n)``).
+    """
+    from scipy import stats
+
+    lora = table[table["budget"].notna()]
+    wide = lora.pivot_table(index=["budget", "seed"], columns="allocation", values=metric)
+    rows = []
+    for budget, part in wide.groupby(level="budget"):
+        for name in ("energy", "budget"):
+            if "uniform" not in part or part["uniform"].isna().all():
+                continue
+            d = (part[name] - part["uniform"]).dropna().to_numpy()
+            n, mean = len(d), float(d.mean())
+            sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+            if n < 2:
+                verdict = "one seed, no noise estimate"
+            elif (d == 0).all():
+                verdict = "identical on every seed"
+            elif abs(mean) < stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n):
+                verdict = "within seed noise"
+            else:
+                verdict = "better than uniform" if mean > 0 else "worse than uniform"
+            rows.append(dict(budget=budget, allocation=name, difference=mean, sd=sd, seeds=n,
+                             verdict=verdict))  # fmt: skip
     return rows
 
 

@@ -376,7 +376,7 @@ def test_cli_extract_task_evaluates_each_budget_three_ways_next_to_the_baselines
 
     out = tmp_path / "digits"
     threads = torch.get_num_threads()  # --threads 1 sets it for the whole process
-    assert main(["extract", "--task", "digits", "--budgets", "832,2000", "--seeds", "0",
+    assert main(["extract", "--task", "digits", "--budgets", "832,2000", "--seeds", "0,1",
                  "--out", str(out), "--threads", "1"]) == 0  # fmt: skip
     torch.set_num_threads(threads)
     table = pd.read_csv(out / "extraction.csv")
@@ -386,13 +386,29 @@ def test_cli_extract_task_evaluates_each_budget_three_ways_next_to_the_baselines
     assert set(lora["allocation"]) == {"uniform", "energy", "budget"}
     assert ((lora["parameters"] - head) <= lora["budget"]).all()
     # fc1 (256x64) and fc2 (256x256): uniform rank 1 costs 832, so 2000 buys rank 2.
-    uniform = lora[lora["allocation"] == "uniform"].set_index("budget")
+    uniform = lora[(lora["allocation"] == "uniform") & (lora["seed"] == 0)].set_index("budget")
     assert uniform.loc[832, "parameters"] == 832 + head
     assert uniform.loc[2000, "ranks"] == "fc1:2 fc2:2"
-    baselines = table[table["budget"].isna()].set_index("allocation")
+    baselines = table[table["budget"].isna() & (table["seed"] == 0)].set_index("allocation")
     assert baselines.loc["frozen base", "parameters"] == head
     assert (
         baselines.loc["full fine-tuning", "parameters"]
         == rankkit.get_task("digits").num_parameters()
     )
     assert lora["test_accuracy"].between(0, 1).all()
+    # The printed verdicts follow from the CSV: paired differences and a t-test.
+    printed = capsys.readouterr().out
+    for budget in (832, 2000):
+        for name in ("energy", "budget"):
+            part = lora[lora["budget"] == budget].pivot(index="seed", columns="allocation",
+                                                        values="test_accuracy")  # fmt: skip
+            d = (part[name] - part["uniform"]).to_numpy()
+            t_crit = 12.706  # t_0.975 with 1 degree of freedom (two seeds)
+            if (d == 0).all():
+                verdict = "identical on every seed"
+            elif abs(d.mean()) < t_crit * d.std(ddof=1) / np.sqrt(2):
+                verdict = "within seed noise"
+            else:
+                verdict = "better than uniform" if d.mean() > 0 else "worse than uniform"
+            line = f"budget {budget:>7,} {name:>6}: {d.mean():+.4f}"
+            assert line in printed and verdict in printed.split(line)[1].splitlines()[0]
