@@ -331,9 +331,18 @@ def test_index_naming_a_missing_shard(tmp_path):
 
 
 def test_truncated_shard_names_the_shard(tmp_path):
-    good = save_state_dict({"a.weight": torch.ones(64, 64)}, tmp_path / "model.safetensors")
-    good.write_bytes(good.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated or corrupt"):
+    shards = {"model-00001-of-00002.safetensors": "a.weight",
+              "model-00002-of-00002.safetensors": "b.weight"}  # fmt: skip
+    for shard, key in shards.items():
+        save_state_dict({key: torch.ones(64, 64)}, tmp_path / shard)
+    index = {"weight_map": {key: shard for shard, key in shards.items()}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert len(open_checkpoint(tmp_path)) == 2
+    second = tmp_path / "model-00002-of-00002.safetensors"
+    second.write_bytes(second.read_bytes()[:-100])  # an interrupted download
+    with pytest.raises(
+        CheckpointError, match=r"model-00002-of-00002\.safetensors.*truncated or corrupt.*download"
+    ):
         open_checkpoint(tmp_path)
 
 
