@@ -49,8 +49,9 @@ Why this is *exactly* K independent runs (up to float rounding)
 * **Schedule, data order, initialisation.** All runs of a batch share epochs,
   learning rate, batch size and schedule (one set of arguments), so one LR schedule
   serves all. Each run's initial ``A``, ``B`` and head come from the reference
-  recipe of a single run (``set_seed(seed)``, ``task.build_model(seed=seed)``,
-  :func:`rankkit.lora.apply_lora`); its data order from a generator seeded like
+  recipe of a single run (:func:`rankkit.methods.prepare_run`: ``set_seed(seed)``,
+  ``task.build_model(seed=seed)``, :func:`rankkit.lora.apply_lora`); its data order
+  from a generator seeded like
   ``fit``'s ``DataLoader``.
 * **Random numbers.** A single run draws dropout masks from the global generator,
   which ``fit`` seeds with the run's seed -- and its validation passes draw from
@@ -277,10 +278,8 @@ def fit_batched(
 
     Run ``k`` is the reference recipe of a single LoRA run::
 
-        set_seed(seeds[k])
-        model = task.build_model(pretrained=True, seed=seeds[k])
-        apply_lora(model, configs[k], roles=task.roles)
-        fit(model, task, epochs, lr, ..., seed=seeds[k])
+        run = prepare_run(task, "lora", seeds[k], lora_config=configs[k])
+        fit(run.model, task, epochs, lr, ..., seed=seeds[k])
 
     and its adapter weights and metrics match that recipe up to float rounding
     (see the module docstring for why). All runs share the training

@@ -325,16 +325,19 @@ def plan_runs(config: SweepConfig) -> list[RunSpec]:
 
 
 def check_ranks_fit(config: SweepConfig) -> None:
-    """Refuse ranks larger than the narrowest layer each target set adapts."""
+    """Refuse ranks larger than the narrowest layer each target set adapts.
+
+    The layers are read from a model on the ``meta`` device: shapes only, no memory, no
+    weights and no random numbers.
+    """
     task = get_task(config.task)
     for targets in config.targets:
-        model = task.build_model(pretrained=False)
-        target_modules = "all-linear" if targets == "all-linear" else targets.split(",")
-        apply_lora(
-            model,
-            LoraConfig(r=1, target_modules=target_modules, modules_to_save=task.head_modules),
-            roles=task.roles,
-        )
+        with torch.device("meta"):
+            model = task.build_model(pretrained=False, seed=None)
+            config_r1 = LoraConfig(
+                r=1, target_modules=_target_modules(targets), modules_to_save=task.head_modules
+            )
+            apply_lora(model, config_r1, roles=task.roles)
         widths = {
             name: min(m.in_features, m.out_features)
             for name, m in model.named_modules()
@@ -360,13 +363,17 @@ def run_one(spec: RunSpec, config: SweepConfig, out_dir: str | os.PathLike) -> d
     return _result_row(spec, config, task, run.model, result, out_dir)
 
 
+def _target_modules(targets: str) -> str | list[str]:
+    """A sweep's target set (``"q,v"`` or ``"all-linear"``) as ``LoraConfig.target_modules``."""
+    return "all-linear" if targets == "all-linear" else targets.split(",")
+
+
 def _lora_config(spec: RunSpec, config: SweepConfig, task) -> Any:
     """The LoraConfig of a LoRA run (the same for single and batched training)."""
-    target_modules = "all-linear" if spec.targets == "all-linear" else spec.targets.split(",")
     return LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
-        target_modules=target_modules,
+        target_modules=_target_modules(spec.targets),
         use_rslora=config.rslora,
         modules_to_save=task.head_modules,
     )

@@ -1,7 +1,7 @@
 """Batched multi-adapter training: every run equals the same run trained alone.
 
 The reference is the single-run recipe of :func:`rankkit.sweep.run_one`
-(``set_seed``, ``build_model(seed)``, ``apply_lora``, ``fit``). A batched run must
+(:func:`rankkit.methods.prepare_run`, then ``fit``). A batched run must
 reproduce its metrics, best epoch and adapter weights up to float rounding, on
 the digits MLP and on a small transformer with dropout (where each run's dropout
 masks must also be its own).
@@ -27,21 +27,20 @@ from rankkit.batched import (
     fit_batched,
     max_batch_runs,
 )
-from rankkit.lora import LoraConfig, LoRALinear, apply_lora, lora_state_dict
+from rankkit.lora import LoraConfig, LoRALinear, lora_state_dict
+from rankkit.methods import prepare_run
 from rankkit.sweep import SweepConfig, run_sweep
 from rankkit.tasks import get_task
 from rankkit.tasks.base import Task
-from rankkit.train import fit, set_seed
+from rankkit.train import fit
 
 ATOL = 1e-5  # adapter weights after training; the observed differences are ~1e-7
 
 
 def reference(task, config: LoraConfig, seed: int, **fit_kwargs):
-    """The single-run recipe (rankkit.sweep.run_one) that batched training must match."""
-    set_seed(seed)
-    model = task.build_model(pretrained=True, seed=seed)
-    apply_lora(model, config, roles=task.roles)
-    return model, fit(model, task, seed=seed, device="cpu", progress=False, **fit_kwargs)
+    """The single-run recipe (what rankkit.sweep.run_one does) that batched training must match."""
+    run = prepare_run(task, "lora", seed, lora_config=config)
+    return run.model, fit(run.model, task, seed=seed, device="cpu", progress=False, **fit_kwargs)
 
 
 def assert_same_run(batched_run, model, result, atol: float = ATOL):
