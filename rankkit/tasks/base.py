@@ -211,7 +211,7 @@ class Task:
     default_hparams : dict
         Fine-tuning defaults read by :func:`rankkit.train.fit` (``epochs``, ``lr``,
         ``batch_size``, ``weight_decay``, ``schedule``, ``warmup``), plus ``head_lr``:
-        the learning rate of the head-only baseline.
+        the learning rate of the frozen-base baseline (only the head trains).
     """
 
     name: str = ""

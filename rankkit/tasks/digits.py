@@ -20,7 +20,7 @@ they must look:
 
 A new head on the frozen features therefore plateaus far below what the model
 can do once its hidden layers adapt (measured in ``docs/tasks.md``: 0.77 test
-accuracy for the best head-only run, 0.94 for full fine-tuning). The
+accuracy for the best frozen-base run, 0.94 for full fine-tuning). The
 shift keeps the digits' strokes, loops and corners, so the base is still a
 reasonable starting point: full fine-tuning matches or beats training the same
 network from scratch. It is not a *necessary* one, though: a frozen random
