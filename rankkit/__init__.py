@@ -9,6 +9,8 @@ all of its weights? rankkit answers with measurements you can run on a laptop:
 * :mod:`rankkit.tasks` and :mod:`rankkit.train` -- small pretrained models and one
   readable training loop shared by every fine-tuning method.
 * :mod:`rankkit.lora` -- LoRA adapters in PEFT's vocabulary and file format.
+* :mod:`rankkit.methods` -- one recipe per method (frozen base, full, LoRA, subspace):
+  :func:`prepare_run`, and :func:`finetune` to checkpoints.
 * :mod:`rankkit.intrinsic` -- random-subspace training θ = θ₀ + P θ_d.
 * :mod:`rankkit.sweep` and :mod:`rankkit.batched` -- LoRA rank sweeps with baselines,
   several runs trained at once where that is faster.
