@@ -264,13 +264,18 @@ def _extract_task(args) -> int:
 
 def _extract_seed(task, seed: int, budgets: list[int], saved: list[str], out: Path, args):
     """One seed of ``extract --task``: fine-tune, then every budget three ways."""
+    import copy
+
     from rankkit.checkpoints import load_state_dict
     from rankkit.extract import extract_lora
 
     metric = f"test_{task.metric_name}"
     full, paths = finetune(task, out / f"seed{seed}", method="full", seed=seed, progress=False)
     frozen, _ = finetune(task, None, method="frozen", seed=seed, progress=False)
-    base, tuned = load_state_dict(paths["base"]), load_state_dict(paths["finetuned"])
+    # The base as a module, so that embeddings are recognised (and skipped) by type.
+    base = task.build_model(pretrained=False, seed=seed)
+    base.load_state_dict(load_state_dict(paths["base"]))
+    tuned = load_state_dict(paths["finetuned"])
     rows = [
         dict(seed=seed, allocation=name, budget=None, parameters=result.trainable_params,
              kept_fraction=None, ranks="", **{metric: result.metrics[metric]})
@@ -283,10 +288,15 @@ def _extract_seed(task, seed: int, budgets: list[int], saved: list[str], out: Pa
 
     def evaluate(adapter, where: Path) -> float:
         adapter.save(where)
-        model = task.build_model(pretrained=False, seed=seed)
-        model.load_state_dict(base)
+        model = copy.deepcopy(base)
         return task.evaluate(rankkit.load_adapter(model, where), "test")
 
+    # The ceiling of every extraction: all of ΔW in the adapted layers (full rank).
+    ceiling = extract(energy=1.0)
+    score = evaluate(ceiling, out / f"seed{seed}" / "all-of-dW")
+    rows.append(dict(seed=seed, allocation="all of ΔW", budget=None,
+                     parameters=ceiling.n_parameters + ceiling.n_saved_parameters,
+                     kept_fraction=ceiling.kept_fraction, ranks="", **{metric: score}))  # fmt: skip
     unit = extract(rank=1).n_parameters  # uniform rank r costs r * unit
     for budget in budgets:
         adapters = {
@@ -373,9 +383,12 @@ def _plot_extraction(summary, task, saved: list[str], path: Path, trained=None) 
         part = part.sort_values("parameters")
         ax.errorbar(part["parameters"], part["mean"], yerr=part["std"].fillna(0), marker="x",
                     capsize=3, color="black", label=f"trained LoRA ({targets})")  # fmt: skip
-    for name, style in (("full fine-tuning", "--"), ("frozen base", ":")):
+    lines = (("full fine-tuning", "--", "gray"), ("all of ΔW", "-.", "tab:red"),
+             ("frozen base", ":", "gray"))  # fmt: skip
+    for name, style, color in lines:
         row = summary[summary["allocation"] == name].iloc[0]
-        ax.axhline(row["mean"], linestyle=style, color="gray", label=f"{name} ({row['mean']:.3f})")
+        label = "extracted at full rank" if name == "all of ΔW" else name
+        ax.axhline(row["mean"], linestyle=style, color=color, label=f"{label} ({row['mean']:.3f})")
     ax.set_xscale("log")
     ax.set_xlabel(f"adapter parameters (LoRA factors + {', '.join(saved)} in full)")
     ax.set_ylabel(f"test {task.metric_name}")

@@ -396,6 +396,10 @@ def test_cli_extract_task_evaluates_each_budget_three_ways_next_to_the_baselines
         == rankkit.get_task("digits").num_parameters()
     )
     assert lora["test_accuracy"].between(0, 1).all()
+    ceiling = baselines.loc["all of ΔW"]  # every adapted ΔW at full rank: all its energy
+    assert ceiling["kept_fraction"] == pytest.approx(1.0, abs=1e-9)
+    # At most the full ranks (a singular value holding < 1e-12 of the energy may be dropped).
+    assert ceiling["parameters"] <= 64 * (256 + 64) + 256 * (256 + 256) + head
     # The printed verdicts follow from the CSV: paired differences and a t-test.
     printed = capsys.readouterr().out
     for budget in (832, 2000):
