@@ -115,8 +115,9 @@ from rankkit.spectra import (
 )
 
 # The exact budget allocation runs a dynamic programme of about
-# sum_l (max rank_l + 1) * (budget / g) steps; above this many it uses the greedy.
-EXACT_ALLOCATION_MAX_STEPS = 50_000_000
+# sum_l (max rank_l + 1) * (budget / g) steps (and keeps layers * budget / g choices);
+# above this many steps it uses the greedy.
+EXACT_ALLOCATION_MAX_STEPS = 20_000_000
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
 
