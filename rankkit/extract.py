@@ -119,6 +119,8 @@ from rankkit.spectra import (
 # above this many steps it uses the greedy.
 EXACT_ALLOCATION_MAX_STEPS = 20_000_000
 _FACTOR_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+# Module names that usually mean nn.Embedding (tok_emb, embed_tokens, wte, wpe...).
+_EMBEDDING_NAME = re.compile(r"emb|(^|\.)(wte|wpe|shared)$", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------- the rule
@@ -337,6 +339,9 @@ class ExtractedAdapter:
         For ``budget=``: how the ranks were found (exact or greedy, with its bound).
     directory : Path or None
         Where it was written, if it was.
+    warnings : list of str
+        Things to check before loading it (e.g. names that look like embeddings,
+        written as linear layers because the checkpoints do not say the module type).
     """
 
     config: dict[str, Any]
@@ -346,6 +351,7 @@ class ExtractedAdapter:
     rule: RankRule
     allocation: Allocation | None = None
     directory: Path | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -413,6 +419,7 @@ class ExtractedAdapter:
         skipped = format_skipped(self.skipped)
         if skipped:
             lines.append(skipped)
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -540,6 +547,15 @@ def extract_lora(
     )  # fmt: skip
     tensors.update(saved)
     extracted = ExtractedAdapter(config, tensors, table, skipped, rule, allocation)
+    if not any(isinstance(s, nn.Module) for s in (base, finetuned)):
+        looks = [m for m in extracted.ranks if _EMBEDDING_NAME.search(m)]
+        if looks:
+            extracted.warnings.append(
+                f"{short_list(looks, limit=4)} look{'s' if len(looks) == 1 else ''} like "
+                "embeddings; from checkpoint files every 2-D weight is written as a linear "
+                "layer's LoRA, which PEFT does not load into an nn.Embedding. If they are "
+                "embeddings, exclude them with layers= (or pass the base as an nn.Module)."
+            )
     if out is not None:
         extracted.save(out)
     return extracted

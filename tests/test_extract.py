@@ -196,6 +196,16 @@ def test_extracted_adapter_loads_in_peft_and_rankkit_and_equals_base_plus_trunca
     assert {m: info.r for m, info in open_adapter(tmp_path).modules.items()} == adapter.ranks
 
 
+def test_embeddings_in_files_are_flagged_and_skipped_by_type_with_a_module(net_pair):
+    base, tuned = net_pair
+    from_files = extract_lora(base.state_dict(), tuned.state_dict(), rank=2)
+    assert "emb" in from_files.ranks  # a state dict does not say it is an nn.Embedding...
+    assert len(from_files.warnings) == 1 and "emb looks like embeddings" in from_files.warnings[0]
+    assert "warning: emb looks like" in from_files.summary()
+    from_module = extract_lora(base, tuned.state_dict(), rank=2)  # ...a module does
+    assert "emb" not in from_module.ranks and from_module.warnings == []
+
+
 def test_a_module_left_out_gets_no_adapter_even_when_another_name_ends_like_it(net_pair, tmp_path):
     peft = pytest.importorskip("peft")
     base, tuned = net_pair
