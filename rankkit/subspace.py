@@ -24,7 +24,6 @@ from torch.func import functional_call
 
 from rankkit.projections import (
     DEFAULT_MAX_DENSE_BYTES,
-    PROJECTIONS,
     Projection,
     check_dimensions,
     make_projection,
@@ -111,7 +110,6 @@ class SubspaceModel(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        projection = check_choice("projection", projection, PROJECTIONS)
         self.mode = check_choice("mode", mode, MODES)
         exclude = [exclude] if isinstance(exclude, str) else list(exclude)
 
