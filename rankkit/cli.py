@@ -19,7 +19,7 @@ import torch
 import rankkit
 from rankkit.intrinsic import HyperplaneProblem, TaskProblem, estimate_intrinsic_dimension
 from rankkit.methods import finetune
-from rankkit.sweep import write_sweep_figures
+from rankkit.sweep import parse_int_list, write_sweep_figures
 from rankkit.tasks import DEFAULT_TASK, data_dir, pretrain_base, task_table
 
 
@@ -581,8 +581,6 @@ def _cmd_intrinsic_dim(args) -> int:
             lr_ref_d=args.lr_ref_d,
             device=args.device,
         )
-    from rankkit.sweep import parse_int_list
-
     seeds = parse_int_list(args.seeds, "--seeds", minimum=0) if args.seeds else [0, 1, 2]
     result = estimate_intrinsic_dimension(
         problem,
