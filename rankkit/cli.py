@@ -72,10 +72,12 @@ def _register_spectrum(subparsers) -> None:
 
 
 def _cmd_spectrum(args) -> int:
-    from rankkit.checkpoints import compile_layers, is_adapter
+    from rankkit.adapters import is_adapter
+    from rankkit.checkpoints import compile_layers
     from rankkit.devices import resolve_device
     from rankkit.plots import plot_spectra
-    from rankkit.spectra import demo_pair, format_report, plan_updates
+    from rankkit.reports import format_report, plan_updates
+    from rankkit.spectra import demo_pair
 
     if args.demo:
         if args.sources:
@@ -367,6 +369,7 @@ def _energy_within(extract, budget: int, steps: int = 30):
 
 def _plot_extraction(summary, task, saved: list[str], path: Path, trained=None) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -390,6 +393,9 @@ def _plot_extraction(summary, task, saved: list[str], path: Path, trained=None) 
         label = "extracted at full rank" if name == "all of ΔW" else name
         ax.axhline(row["mean"], linestyle=style, color=color, label=f"{label} ({row['mean']:.3f})")
     ax.set_xscale("log")
+    ticks = sorted(summary.loc[summary["allocation"] == "uniform", "parameters"].dropna())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(ticks, [f"{t / 1000:.3g}k" for t in ticks])
     ax.set_xlabel(f"adapter parameters (LoRA factors + {', '.join(saved)} in full)")
     ax.set_ylabel(f"test {task.metric_name}")
     runs = int(summary["runs"].max())
