@@ -72,12 +72,10 @@ def _register_spectrum(subparsers) -> None:
 
 
 def _cmd_spectrum(args) -> int:
-    from rankkit.adapters import is_adapter
-    from rankkit.checkpoints import compile_layers
+    from rankkit.checkpoints import compile_layers, is_adapter
     from rankkit.devices import resolve_device
     from rankkit.plots import plot_spectra
-    from rankkit.reports import format_report, plan_updates
-    from rankkit.spectra import demo_pair
+    from rankkit.spectra import demo_pair, format_report, plan_updates
 
     if args.demo:
         if args.sources:
