@@ -11,7 +11,7 @@ Workloads (``--workload``), each the LoRA part of a ``python -m rankkit sweep``:
 Contenders, on exactly the same runs:
 
 * ``batched``  -- :func:`rankkit.batched.fit_batched` on the groups the sweep forms
-  (``rankkit.sweep._batch_groups``: sized from free memory, capped per device). On a
+  (``rankkit.sweep.batch_groups``: sized from free memory, capped per device). On a
   CPU the sweep does not batch runs with large steps (``CPU_SMALL_STEP_BYTES``: the
   topics runs), so there ``--max-runs K`` forces groups of up to K;
 * ``rankkit``  -- each run alone, the sweep's reference recipe
@@ -48,7 +48,7 @@ import torch
 import rankkit.batched as batched
 from rankkit.lora import apply_lora
 from rankkit.methods import method_lr, prepare_run
-from rankkit.sweep import SweepConfig, _batch_groups, _lora_config, plan_runs, run_one
+from rankkit.sweep import SweepConfig, batch_groups, lora_config_for, plan_runs, run_one
 from rankkit.tasks import get_task
 from rankkit.train import fit, resolve_device, set_seed
 
@@ -66,7 +66,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def train_batched(task, specs, config):
     runs = batched.fit_batched(
-        task, [_lora_config(s, config, task) for s in specs], [s.seed for s in specs],
+        task, [lora_config_for(s, config, task) for s in specs], [s.seed for s in specs],
         epochs=config.epochs, lr=method_lr(task, "lora", config.lr), device=config.device,
     )  # fmt: skip
     return [r.result.metrics for r in runs]
@@ -75,7 +75,7 @@ def train_batched(task, specs, config):
 def train_rankkit(task, specs, config):
     out = []
     for spec in specs:
-        lora = _lora_config(spec, config, task)
+        lora = lora_config_for(spec, config, task)
         run = prepare_run(task, "lora", spec.seed, lr=config.lr, lora_config=lora)
         result = run.fit(task, epochs=config.epochs, device=config.device, progress=False)
         out.append(result.metrics)
@@ -87,7 +87,7 @@ def train_peft(task, specs, config):
 
     out = []
     for spec in specs:
-        lora = _lora_config(spec, config, task)
+        lora = lora_config_for(spec, config, task)
         probe = apply_lora(task.build_model(pretrained=False), lora, roles=task.roles)
         names = list(probe.rankkit_lora_config.target_modules)  # the exact modules rankkit adapts
         set_seed(spec.seed)
@@ -122,7 +122,7 @@ def training_flops(task, specs, config) -> float:
     per_sample = {}
     for rank in sorted({s.rank for s in specs}):
         spec = next(s for s in specs if s.rank == rank)
-        model = apply_lora(task.build_model(pretrained=True), _lora_config(spec, config, task),
+        model = apply_lora(task.build_model(pretrained=True), lora_config_for(spec, config, task),
                            roles=task.roles)  # fmt: skip
         counter = FlopCounterMode(display=False)
         with counter:
@@ -178,7 +178,7 @@ def main() -> None:
     if args.max_runs:  # force this batch size, also where the sweep would not batch (CPU)
         batched.DEFAULT_MAX_RUNS[device.type] = args.max_runs
         batched.CPU_SMALL_STEP_BYTES = float("inf")
-    groups = _batch_groups(plan_runs(config), config, run_one, log=lambda _: None)
+    groups = batch_groups(plan_runs(config), config, run_one, log=lambda _: None)
     contenders = [c for c in args.contenders.split(",") if c]
     epochs_shown = epochs or task.default_hparams.get("epochs")
     print(f"workload {args.workload}: task {task.name}, targets {work['targets']}, ranks "
