@@ -215,8 +215,6 @@ def _extract_task(args) -> int:
     """Full fine-tune per seed; extract at each budget three ways; evaluate; CSV + figure."""
     import pandas as pd
 
-    from rankkit.sweep import parse_int_list
-
     if args.base or args.finetuned or args.rank or args.energy or args.budget:
         raise SystemExit("extract --task: give --budgets, not BASE FINETUNED or a rule.")
     if not (args.task and args.budgets):

@@ -63,6 +63,8 @@ assumed (``docs/extraction.md``).
 Only what LoRA can hold is extracted: the weight matrices of linear layers.
 Biases, norms, new heads, embeddings and convolution kernels are listed in
 ``skipped`` with the reason; a fine-tune that changed them loses those changes.
+A newly initialised head holds little of the energy but all of the task: copy it
+in full with ``modules_to_save`` (PEFT's name), outside the budget.
 
 References
 ----------
