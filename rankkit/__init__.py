@@ -3,9 +3,12 @@
 Why can LoRA fine-tune a model by training a tiny low-rank update instead of
 all of its weights? rankkit answers with measurements you can run on a laptop:
 
-* :mod:`rankkit.spectra` -- singular-value spectra and effective rank of weight
-  updates ΔW = W_finetuned - W_pretrained, against a random-matrix baseline, and
-  the LoRA paper's section 7 analyses (subspace similarity, amplification).
+* :mod:`rankkit.spectra` -- singular-value spectra and effective rank of a matrix,
+  against a random-matrix baseline, and the LoRA paper's section 7 analyses
+  (subspace similarity, amplification).
+* :mod:`rankkit.checkpoints`, :mod:`rankkit.adapters` and :mod:`rankkit.reports` --
+  the checkpoints people have (files, shards, model folders, PEFT adapters), and
+  :func:`rank_report` of ΔW = W_finetuned - W_pretrained, one layer at a time.
 * :mod:`rankkit.tasks` and :mod:`rankkit.train` -- small pretrained models and one
   readable training loop shared by every fine-tuning method.
 * :mod:`rankkit.lora` -- LoRA adapters in PEFT's vocabulary and file format.
@@ -22,17 +25,17 @@ needs.
 
 __version__ = "0.1.0"
 
-from rankkit.checkpoints import load_state_dict, save_state_dict
+from rankkit.adapters import open_adapter
+from rankkit.checkpoints import load_state_dict, open_checkpoint, save_state_dict
+from rankkit.reports import delta_report, delta_weights, format_report, rank_report
 from rankkit.spectra import (
     EFFECTIVE_RANK_METHODS,
     amplification_factor,
-    delta_report,
-    delta_weights,
     effective_rank,
     gavish_donoho_threshold,
+    lowrank_singular_values,
     principal_angles,
     random_baseline,
-    rank_report,
     singular_values,
     subspace_similarity,
     subspace_similarity_grid,

@@ -72,10 +72,12 @@ def _register_spectrum(subparsers) -> None:
 
 
 def _cmd_spectrum(args) -> int:
-    from rankkit.checkpoints import compile_layers, is_adapter
+    from rankkit.adapters import is_adapter
+    from rankkit.checkpoints import compile_layers
     from rankkit.devices import resolve_device
     from rankkit.plots import plot_spectra
-    from rankkit.spectra import demo_pair, format_report, plan_updates
+    from rankkit.reports import format_report, plan_updates
+    from rankkit.spectra import demo_pair
 
     if args.demo:
         if args.sources:

@@ -93,28 +93,21 @@ import pandas as pd
 import torch
 from torch import nn
 
+from rankkit.adapters import is_adapter, peft_pattern_key
 from rankkit.checkpoints import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     PEFT_PREFIX,
     StateSource,
-    is_adapter,
     match_checkpoints,
     open_checkpoint,
-    peft_pattern_key,
     save_state_dict,
     short_list,
 )
 from rankkit.devices import resolve_device
 from rankkit.lora import LoraConfig
-from rankkit.spectra import (
-    FLOAT64_MAX_ENTRIES,
-    LayerUpdate,
-    effective_rank,
-    format_skipped,
-    plan_updates,
-    singular_values,
-)
+from rankkit.reports import LayerUpdate, format_skipped, plan_updates
+from rankkit.spectra import FLOAT64_MAX_ENTRIES, effective_rank, singular_values
 
 # The exact budget allocation runs a dynamic programme of about
 # sum_l (max rank_l + 1) * (budget / g) steps (and keeps layers * budget / g choices);
@@ -443,7 +436,7 @@ def extract_lora(
     ----------
     base, finetuned : nn.Module, state dict, or path
         The pretrained and the fully fine-tuned weights: anything
-        :func:`rankkit.spectra.rank_report` reads (files, sharded checkpoints, model
+        :func:`rankkit.rank_report` reads (files, sharded checkpoints, model
         folders, wrapper prefixes). ``finetuned`` may also be a LoRA adapter folder,
         which re-ranks that adapter. Read one layer at a time.
     rank : int or "optimal", optional

@@ -47,7 +47,8 @@ from rankkit.plots import (
     plot_spectra,
     plot_subspace_similarity,
 )
-from rankkit.spectra import delta_weights, subspace_similarity_grid
+from rankkit.reports import delta_weights
+from rankkit.spectra import subspace_similarity_grid
 from rankkit.sweep import SweepConfig, run_sweep
 from rankkit.tasks import get_task
 from rankkit.train import fit

@@ -19,17 +19,17 @@ import torch
 from torch import nn
 
 import rankkit
+from rankkit.adapters import open_adapter
 from rankkit.checkpoints import (
     Checkpoint,
     CheckpointError,
     TensorInfo,
     match_checkpoints,
-    open_adapter,
     open_checkpoint,
     save_state_dict,
 )
 from rankkit.cli import main
-from rankkit.spectra import lowrank_singular_values
+from rankkit.spectra import demo_pair, lowrank_singular_values
 
 
 def planted(shape, k, seed, strength=0.5, noise=1e-4):
@@ -395,7 +395,7 @@ def test_fp8_weights_are_refused_with_the_file_and_the_fix(tmp_path):
 
 @pytest.mark.slow
 def test_layers_in_worker_processes_equal_one_process(tmp_path):
-    base, tuned = rankkit.spectra.demo_pair(seed=1)
+    base, tuned = demo_pair(seed=1)
     save_state_dict(base, tmp_path / "base.safetensors")
     save_state_dict(tuned, tmp_path / "tuned.safetensors")
     one = rankkit.rank_report(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors")

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import rankkit
-from rankkit.checkpoints import CheckpointError, open_adapter, save_state_dict
+from rankkit.adapters import open_adapter
+from rankkit.checkpoints import CheckpointError, save_state_dict
 from rankkit.cli import main
 from rankkit.extract import allocate_budget, extract_lora
 

@@ -4,7 +4,9 @@ The layers, lowest first (a module may import its own layer's package and
 anything below it, never above)::
 
     checkpoints, devices, utils            shared helpers
+    adapters                               PEFT adapter folders (checkpoints)
     spectra, lora, projections             measurements and adapters
+    reports                                ΔW of two checkpoints, layer by layer
     extract                                LoRA from a full fine-tune (spectra + lora)
     train                                  the one training loop
     tasks, subspace, plots                 models + data; subspace wrapper; figures
@@ -29,7 +31,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rankkit"
 
 LAYERS = [
     ["rankkit.checkpoints", "rankkit.devices", "rankkit.utils"],
+    ["rankkit.adapters"],
     ["rankkit.spectra", "rankkit.lora", "rankkit.projections"],
+    ["rankkit.reports"],
     ["rankkit.extract"],
     ["rankkit.train"],
     ["rankkit.tasks", "rankkit.subspace", "rankkit.plots"],

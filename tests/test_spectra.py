@@ -11,10 +11,10 @@ from torch import nn
 
 import rankkit
 from rankkit.checkpoints import CheckpointError, save_state_dict
+from rankkit.reports import format_report
 from rankkit.spectra import (
     EFFECTIVE_RANK_METHODS,
     demo_pair,
-    format_report,
     marchenko_pastur_median,
     random_singular_values,
     top_singular_subspace,
