@@ -109,6 +109,29 @@ def test_energy_rule_takes_the_smallest_rank_reaching_the_fraction(planted_pair)
         assert row.kept_fraction >= 0.8
 
 
+def logged(state, label, log):
+    """A lazy checkpoint that records every tensor read as (label, name)."""
+    from rankkit.checkpoints import Checkpoint, TensorInfo
+
+    def read(name):
+        log.append((label, name))
+        return state[name]
+
+    info = {n: TensorInfo(tuple(t.shape), "float64", label) for n, t in state.items()}
+    return Checkpoint(info, read, description=label, label=label)
+
+
+@pytest.mark.parametrize(("rule", "passes"), [(dict(rank=2), 1), (dict(budget=2000), 2)])
+def test_layers_are_read_one_at_a_time(planted_pair, rule, passes):
+    base, tuned, _ = planted_pair
+    log = []
+    extract_lora(logged(base, "base", log), logged(tuned, "tuned", log), **rule)
+    # Each pass reads layer by layer (base, then fine-tuned, then the next layer): never
+    # all of one checkpoint first. budget= needs every spectrum first, so it reads twice.
+    one_pass = [(side, name) for name in SHAPES for side in ("base", "tuned")]
+    assert log == one_pass * passes
+
+
 # --------------------------------------------------------------------------- PEFT round trip
 
 
