@@ -265,6 +265,17 @@ def test_modules_to_save_travel_in_full_and_load_in_peft_and_rankkit(net_pair, t
         extract_lora(base, tuned, rank=2, modules_to_save=["classifier"])
 
 
+def test_an_adapter_folder_is_re_ranked_to_the_truncation_of_its_update(planted_pair, tmp_path):
+    base, tuned, _ = planted_pair
+    extract_lora(base, tuned, rank=5, layers="^[bc]", out=tmp_path / "r5")
+    smaller = extract_lora(base, tmp_path / "r5", rank=2)  # ΔW = s·B·A of the adapter
+    assert smaller.ranks == {"b": 2, "c": 2}
+    for module in ("b", "c"):
+        B5, A5 = (t.double() for t in open_adapter(tmp_path / "r5").factors(module)[:2])
+        B2, A2 = factors(smaller, module)
+        np.testing.assert_allclose(B2 @ A2, truncate(B5 @ A5, 2), atol=1e-6)
+
+
 # --------------------------------------------------------------------------- budgets
 
 
