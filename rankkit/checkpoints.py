@@ -527,11 +527,15 @@ def _check_supported(name: str, *sides: tuple[Checkpoint, TensorInfo]) -> None:
 
 
 def _prefix_candidates(keys: list[str], depth: int = 3) -> set[str]:
-    """Prefixes of up to ``depth`` dotted components shared by at least half the keys."""
+    """Prefixes of up to ``depth`` dotted components shared by at least half the keys.
+
+    A prefix always leaves at least two components (``module.weight``): removing more
+    would pair ``encoder.q.weight`` with ``decoder.k.weight`` as ``weight``.
+    """
     counts: dict[str, int] = {}
     for key in keys:
         parts = key.split(".")
-        for i in range(1, min(depth, len(parts) - 1) + 1):
+        for i in range(1, min(depth, len(parts) - 2) + 1):
             prefix = ".".join(parts[:i]) + "."
             counts[prefix] = counts.get(prefix, 0) + 1
     return {""} | {p for p, n in counts.items() if 2 * n >= len(keys)}

@@ -107,6 +107,17 @@ def test_wrapper_prefix_is_detected_from_the_names(base_prefix, tuned_prefix):
     assert not matching.skipped
 
 
+def test_a_prefix_never_strips_names_down_to_their_last_component():
+    def ckpt(names):
+        return Checkpoint({n: TensorInfo((4, 4), "float32", "x") for n in names}, None, "x")
+
+    with pytest.raises(CheckpointError, match="share no weight matrix"):
+        match_checkpoints(ckpt(["encoder.q.weight"]), ckpt(["decoder.k.weight"]))
+    matching = match_checkpoints(ckpt(["fc.weight", "out.weight"]),
+                                 ckpt(["model.fc.weight", "model.out.weight"]))  # fmt: skip
+    assert matching.finetuned_prefix == "model." and len(matching.pairs) == 2
+
+
 def test_sharded_safetensors_and_sharded_bin_folders_read_like_one_file(tmp_path):
     block = Block()
     state = {k: v.detach().clone() for k, v in block.state_dict().items()}
