@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from rankkit.devices import resolve_device
+from rankkit.utils import check_choice
 
 EFFECTIVE_RANK_METHODS = ("entropy", "stable", "participation", "energy", "numerical", "optimal")
 
@@ -308,15 +309,7 @@ def effective_rank(M_or_singular_values: Any, method: str = "entropy", **kw: Any
     >>> rankkit.effective_rank([3.0, 4.0], "stable")
     1.5625
     """
-    if method not in EFFECTIVE_RANK_METHODS:
-        import difflib
-
-        close = difflib.get_close_matches(str(method), EFFECTIVE_RANK_METHODS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"unknown effective-rank method {method!r}; choose one of "
-            f"{', '.join(EFFECTIVE_RANK_METHODS)}.{hint}"
-        )
+    method = check_choice("effective-rank method", method, EFFECTIVE_RANK_METHODS)
     allowed = {
         "entropy": set(),
         "stable": set(),

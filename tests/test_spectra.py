@@ -193,7 +193,7 @@ def test_zero_matrix_has_rank_zero():
 
 
 def test_bad_method_and_options_are_explained():
-    with pytest.raises(ValueError, match="Did you mean 'entropy'"):
+    with pytest.raises(ValueError, match="did you mean 'entropy'"):
         rankkit.effective_rank(np.eye(3), "entropi")
     with pytest.raises(TypeError, match="threshold"):
         rankkit.effective_rank(np.eye(3), "stable", threshold=0.9)
