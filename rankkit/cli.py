@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import textwrap
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 import rankkit
+from rankkit.budgets import compare_with_uniform, extraction_study, summarize_study, trained_lora
 from rankkit.intrinsic import HyperplaneProblem, TaskProblem, estimate_intrinsic_dimension
 from rankkit.methods import finetune
 from rankkit.sweep import parse_int_list, write_sweep_figures
@@ -215,8 +215,6 @@ def _cmd_extract(args) -> int:
 
 def _extract_task(args) -> int:
     """Full fine-tune per seed; extract at each budget three ways; evaluate; CSV + figure."""
-    import pandas as pd
-
     if args.base or args.finetuned or args.rank or args.energy or args.budget:
         raise SystemExit("extract --task: give --budgets, not BASE FINETUNED or a rule.")
     if not (args.task and args.budgets):
@@ -229,178 +227,28 @@ def _extract_task(args) -> int:
     saved = args.modules_to_save or list(task.head_modules)
     out = Path(args.out)
     metric = f"test_{task.metric_name}"
-    rows = [row for seed in seeds for row in _extract_seed(task, seed, budgets, saved, out, args)]
-    table = pd.DataFrame(rows)
+    table = extraction_study(task, budgets, seeds, out, modules_to_save=saved,
+                             layers=args.layers, device=args.device)  # fmt: skip
     table.to_csv(out / "extraction.csv", index=False)
-    summary = (
-        table.groupby(["allocation", "budget"], dropna=False)
-        .agg(parameters=("parameters", "mean"), kept_fraction=("kept_fraction", "mean"),
-             mean=(metric, "mean"), std=(metric, "std"), runs=(metric, "size"))
-        .reset_index()
-    )  # fmt: skip
+    summary = summarize_study(table, metric)
     print(summary.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"against uniform ranks at the same budget, paired by seed ({metric}):")
-    for row in _against_uniform(table, metric):
+    for row in compare_with_uniform(table, metric):
         print(f"  budget {row['budget']:>7,.0f} {row['allocation']:>6}: {row['difference']:+.4f} "
               f"± {row['sd']:.4f} (sd over {row['seeds']} seeds): {row['verdict']}")  # fmt: skip
     trained = None
     if args.sweep:
-        runs = rankkit.load_results(args.sweep)
-        runs = runs[(runs["method"] == "lora") & (runs["status"] == "ok")]
-        runs = runs[runs["task"] == task.name]
-        trained = (
-            runs.groupby(["targets", "rank"])
-            .agg(parameters=("trainable_params", "mean"), mean=("test_metric", "mean"),
-                 std=("test_metric", "std"), runs=("test_metric", "size"))
-            .reset_index()
-        )  # fmt: skip
+        trained = trained_lora(rankkit.load_results(args.sweep), task.name)
         print("trained LoRA (sweep):")
         print(trained.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    from rankkit.plots import plot_extraction_budgets  # matplotlib only when a figure is drawn
+
     figure = out / f"{task.name}_extraction_budget_vs_quality.png"
-    _plot_extraction(summary, task, saved, figure, trained)
+    fig = plot_extraction_budgets(summary, task_name=task.name, metric_name=task.metric_name,
+                                  saved=saved, trained=trained)  # fmt: skip
+    fig.savefig(figure, dpi=150, bbox_inches="tight")
     print(f"wrote {out / 'extraction.csv'} and {figure}")
     return 0
-
-
-def _extract_seed(task, seed: int, budgets: list[int], saved: list[str], out: Path, args):
-    """One seed of ``extract --task``: fine-tune, then every budget three ways."""
-    import copy
-
-    from rankkit.checkpoints import load_state_dict
-    from rankkit.extract import extract_lora
-
-    metric = f"test_{task.metric_name}"
-    full, paths = finetune(task, out / f"seed{seed}", method="full", seed=seed, progress=False)
-    frozen, _ = finetune(task, None, method="frozen", seed=seed, progress=False)
-    # The base as a module, so that embeddings are recognised (and skipped) by type.
-    base = task.build_model(pretrained=False, seed=seed)
-    base.load_state_dict(load_state_dict(paths["base"]))
-    tuned = load_state_dict(paths["finetuned"])
-    rows = [
-        dict(seed=seed, allocation=name, budget=None, parameters=result.trainable_params,
-             kept_fraction=None, ranks="", **{metric: result.metrics[metric]})
-        for name, result in (("full fine-tuning", full), ("frozen base", frozen))
-    ]  # fmt: skip
-
-    def extract(**rule):
-        return extract_lora(base, tuned, layers=args.layers, modules_to_save=saved,
-                            device=args.device, **rule)  # fmt: skip
-
-    def evaluate(adapter, where: Path) -> float:
-        adapter.save(where)
-        model = copy.deepcopy(base)
-        return task.evaluate(rankkit.load_adapter(model, where), "test")
-
-    # The ceiling of every extraction: all of ΔW in the adapted layers (full rank).
-    ceiling = extract(energy=1.0)
-    score = evaluate(ceiling, out / f"seed{seed}" / "all-of-dW")
-    rows.append(dict(seed=seed, allocation="all of ΔW", budget=None,
-                     parameters=ceiling.n_parameters + ceiling.n_saved_parameters,
-                     kept_fraction=ceiling.kept_fraction, ranks="", **{metric: score}))  # fmt: skip
-    unit = extract(rank=1).n_parameters  # uniform rank r costs r * unit
-    for budget in budgets:
-        adapters = {
-            "uniform": extract(rank=budget // unit) if budget >= unit else None,
-            "energy": _energy_within(extract, budget),
-            "budget": extract(budget=budget),
-        }
-        for name, adapter in adapters.items():
-            if adapter is None:
-                continue
-            score = evaluate(adapter, out / f"seed{seed}" / f"{name}-{budget}")
-            rows.append(dict(
-                seed=seed, allocation=name, budget=budget,
-                parameters=adapter.n_parameters + adapter.n_saved_parameters,
-                kept_fraction=adapter.kept_fraction,
-                ranks=" ".join(f"{m}:{r}" for m, r in adapter.ranks.items()),
-                **{metric: score},
-            ))  # fmt: skip
-            print(f"seed {seed} budget {budget:>7,} {name:>8}: {metric} {score:.4f}, "
-                  f"{rows[-1]['parameters']:,} parameters, {100 * adapter.kept_fraction:.1f}% "
-                  f"energy, ranks {rows[-1]['ranks']}")  # fmt: skip
-    return rows
-
-
-def _against_uniform(table, metric: str) -> list[dict]:
-    """Energy and budget ranks minus uniform ranks, per budget, paired by seed (same fine-tune).
-
-    The verdict is "within seed noise" unless a two-sided paired t-test rejects a zero
-    mean difference at 5% (``|mean| >= t_0.975(n-1) * sd / sqrt(n)``).
-    """
-    from scipy import stats
-
-    lora = table[table["budget"].notna()]
-    wide = lora.pivot_table(index=["budget", "seed"], columns="allocation", values=metric)
-    rows = []
-    for budget, part in wide.groupby(level="budget"):
-        for name in ("energy", "budget"):
-            if "uniform" not in part or part["uniform"].isna().all():
-                continue
-            d = (part[name] - part["uniform"]).dropna().to_numpy()
-            n, mean = len(d), float(d.mean())
-            sd = float(d.std(ddof=1)) if n > 1 else float("nan")
-            if n < 2:
-                verdict = "one seed, no noise estimate"
-            elif (d == 0).all():
-                verdict = "identical on every seed"
-            elif abs(mean) < stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n):
-                verdict = "within seed noise"
-            else:
-                verdict = "better than uniform" if mean > 0 else "worse than uniform"
-            rows.append(dict(budget=budget, allocation=name, difference=mean, sd=sd, seeds=n,
-                             verdict=verdict))  # fmt: skip
-    return rows
-
-
-def _energy_within(extract, budget: int, steps: int = 30):
-    """The energy rule with the largest fraction whose adapter fits in ``budget`` (bisection)."""
-    low, high, best = 0.0, 1.0, None
-    for _ in range(steps):
-        mid = (low + high) / 2
-        adapter = extract(energy=mid)
-        if adapter.n_parameters <= budget:
-            low, best = mid, adapter
-        else:
-            high = mid
-    return best
-
-
-def _plot_extraction(summary, task, saved: list[str], path: Path, trained=None) -> None:
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"uniform": ("o", 9, "-"), "energy": ("s", 5, "--"), "budget": ("^", 6, ":")}
-    for name, (marker, size, line) in styles.items():  # uniform under the others, hollow
-        part = summary[summary["allocation"] == name].sort_values("parameters")
-        ax.errorbar(part["parameters"], part["mean"], yerr=part["std"].fillna(0), marker=marker,
-                    markersize=size, linestyle=line, capsize=3,
-                    markerfacecolor="none" if name == "uniform" else None,
-                    label=f"extracted, {name} ranks")  # fmt: skip
-    for targets, part in [] if trained is None else trained.groupby("targets"):
-        part = part.sort_values("parameters")
-        ax.errorbar(part["parameters"], part["mean"], yerr=part["std"].fillna(0), marker="x",
-                    capsize=3, color="black", label=f"trained LoRA ({targets})")  # fmt: skip
-    lines = (("full fine-tuning", "--", "gray"), ("all of ΔW", "-.", "tab:red"),
-             ("frozen base", ":", "gray"))  # fmt: skip
-    for name, style, color in lines:
-        row = summary[summary["allocation"] == name].iloc[0]
-        label = "extracted at full rank" if name == "all of ΔW" else name
-        ax.axhline(row["mean"], linestyle=style, color=color, label=f"{label} ({row['mean']:.3f})")
-    ax.set_xscale("log")
-    ticks = sorted(summary.loc[summary["allocation"] == "uniform", "parameters"].dropna())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xticks(ticks, [f"{t / 1000:.3g}k" for t in ticks])
-    ax.set_xlabel(f"adapter parameters (LoRA factors + {', '.join(saved)} in full)")
-    ax.set_ylabel(f"test {task.metric_name}")
-    runs = int(summary["runs"].max())
-    ax.set_title(f"{task.name}: LoRA extracted from a full fine-tune (mean ± sd, {runs} seeds)")
-    ax.legend(fontsize=8)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- sweep / plot

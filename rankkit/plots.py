@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -420,4 +421,49 @@ def plot_intrinsic_dimension(
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     ax.grid(True, which="both", alpha=0.2)
     fig.tight_layout()
+    return fig
+
+
+def plot_extraction_budgets(
+    summary: pd.DataFrame,
+    *,
+    task_name: str,
+    metric_name: str,
+    saved: list[str],
+    trained: pd.DataFrame | None = None,
+) -> Figure:
+    """Test metric against adapter parameters for LoRA extracted from a full fine-tune.
+
+    ``summary`` is :func:`rankkit.budgets.summarize_study`'s table: the uniform, energy and
+    budget rules at each budget (mean ± sd over seeds), drawn against full fine-tuning,
+    the frozen base and the extraction at full rank (horizontal lines); ``trained`` adds
+    trained LoRA from a sweep (:func:`rankkit.budgets.trained_lora`).
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {"uniform": ("o", 9, "-"), "energy": ("s", 5, "--"), "budget": ("^", 6, ":")}
+    for name, (marker, size, line) in styles.items():  # uniform under the others, hollow
+        part = summary[summary["allocation"] == name].sort_values("parameters")
+        ax.errorbar(part["parameters"], part["mean"], yerr=part["std"].fillna(0), marker=marker,
+                    markersize=size, linestyle=line, capsize=3,
+                    markerfacecolor="none" if name == "uniform" else None,
+                    label=f"extracted, {name} ranks")  # fmt: skip
+    for targets, part in [] if trained is None else trained.groupby("targets"):
+        part = part.sort_values("parameters")
+        ax.errorbar(part["parameters"], part["mean"], yerr=part["std"].fillna(0), marker="x",
+                    capsize=3, color="black", label=f"trained LoRA ({targets})")  # fmt: skip
+    lines = (("full fine-tuning", "--", "gray"), ("all of ΔW", "-.", "tab:red"),
+             ("frozen base", ":", "gray"))  # fmt: skip
+    for name, style, color in lines:
+        row = summary[summary["allocation"] == name].iloc[0]
+        label = "extracted at full rank" if name == "all of ΔW" else name
+        ax.axhline(row["mean"], linestyle=style, color=color, label=f"{label} ({row['mean']:.3f})")
+    ax.set_xscale("log")
+    ticks = sorted(summary.loc[summary["allocation"] == "uniform", "parameters"].dropna())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(ticks, [f"{t / 1000:.3g}k" for t in ticks])
+    ax.set_xlabel(f"adapter parameters (LoRA factors + {', '.join(saved)} in full)")
+    ax.set_ylabel(f"test {metric_name}")
+    runs = int(summary["runs"].max())
+    ax.set_title(f"{task_name}: LoRA extracted from a full fine-tune (mean ± sd, {runs} seeds)")
+    ax.legend(fontsize=8)
     return fig

@@ -12,7 +12,7 @@ anything below it, never above)::
     tasks, subspace, plots                 models + data; subspace wrapper; figures
     methods, stacked                       one recipe per method; K runs in one model
     batched                                many LoRA runs in one model
-    intrinsic, sweep                       experiments
+    intrinsic, sweep, budgets              experiments
     figures                                the README's figures
     rankkit (the package), cli, __main__   entry points, each above the one before
 
@@ -39,7 +39,7 @@ LAYERS = [
     ["rankkit.tasks", "rankkit.subspace", "rankkit.plots"],
     ["rankkit.methods", "rankkit.stacked"],
     ["rankkit.batched"],
-    ["rankkit.intrinsic", "rankkit.sweep"],
+    ["rankkit.intrinsic", "rankkit.sweep", "rankkit.budgets"],
     ["rankkit.figures"],
     ["rankkit"],
     ["rankkit.cli"],
