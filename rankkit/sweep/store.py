@@ -50,6 +50,13 @@ RESULT_COLUMNS = [
 _INTEGER_COLUMNS = ("rank", "seed", "trainable_params", "total_params")
 
 
+def _clean(value: Any) -> Any:
+    """A cell as read by pandas, with NaN (an empty cell) as ``None``."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
 class ResultsStore:
     """``results.csv`` of a sweep directory, shared by every process working on the sweep.
 
@@ -274,10 +281,7 @@ class Claims:
         return sorted(set(found))
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
+# --------------------------------------------------------------------------- the folder
 
 
 def claim_directory(out_dir: Path, config: SweepConfig, force: bool) -> None:
@@ -324,6 +328,7 @@ def claim_directory(out_dir: Path, config: SweepConfig, force: bool) -> None:
 
 
 def load_results(directory: str | os.PathLike) -> pd.DataFrame:
+    """The results table of a sweep folder, one row per run (``results.csv``)."""
     path = Path(directory) / "results.csv"
     if not path.exists():
         raise FileNotFoundError(
