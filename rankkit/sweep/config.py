@@ -9,7 +9,6 @@ order; a run's :attr:`RunSpec.run_id` names it in ``results.csv`` and on disk.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rankkit.tasks import get_task
+from rankkit.utils import did_you_mean
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32)
 DEFAULT_SEEDS = (0, 1, 2)
@@ -106,10 +106,7 @@ class SweepConfig:
     def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> SweepConfig:
         unknown = [k for k in data if k not in cls.keys()]
         if unknown:
-            hints = []
-            for k in unknown:
-                close = difflib.get_close_matches(k.replace("-", "_"), cls.keys(), n=1)
-                hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints = [f"{k!r}" + did_you_mean(k.replace("-", "_"), cls.keys()) for k in unknown]
             raise ValueError(
                 f"{source}: unknown key(s) {', '.join(hints)}. Valid keys: {', '.join(cls.keys())}."
             )
