@@ -337,7 +337,7 @@ def test_budget_keeps_more_than_uniform_rank_at_the_same_cost_when_one_layer_dom
 def test_large_problems_use_the_greedy_and_report_its_bound(monkeypatch):
     base, tuned = concentrated_pair()
     exact = extract_lora(base, tuned, budget=1000)
-    monkeypatch.setattr(rankkit.extract, "EXACT_ALLOCATION_MAX_STEPS", 0)
+    monkeypatch.setattr(rankkit.allocation, "EXACT_ALLOCATION_MAX_STEPS", 0)
     greedy = extract_lora(base, tuned, budget=1000)
     assert greedy.allocation.method == "greedy" and "of the optimum's energy" in greedy.summary()
     assert greedy.n_parameters <= 1000

@@ -5,7 +5,7 @@ anything below it, never above)::
 
     checkpoints, devices, utils            shared helpers
     adapters                               PEFT adapter folders (checkpoints)
-    spectra, lora, projections             measurements and adapters
+    spectra, lora, projections, allocation measurements, adapters, rank budgets
     reports                                ΔW of two checkpoints, layer by layer
     extract                                LoRA from a full fine-tune (spectra + lora)
     train                                  the one training loop
@@ -32,7 +32,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "rankkit"
 LAYERS = [
     ["rankkit.checkpoints", "rankkit.devices", "rankkit.utils"],
     ["rankkit.adapters"],
-    ["rankkit.spectra", "rankkit.lora", "rankkit.projections"],
+    ["rankkit.spectra", "rankkit.lora", "rankkit.projections", "rankkit.allocation"],
     ["rankkit.reports"],
     ["rankkit.extract"],
     ["rankkit.train"],
