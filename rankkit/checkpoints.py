@@ -93,6 +93,16 @@ class TensorInfo:
         return self.dtype in ("float64", "float32", "float16", "bfloat16")
 
     @property
+    def eps(self) -> float:
+        """Machine epsilon of the stored floating dtype (float32's for anything else).
+
+        It sets what "numerically zero" means for a spectrum of these numbers.
+        """
+        return float(
+            torch.finfo(getattr(torch, self.dtype) if self.is_float else torch.float32).eps
+        )
+
+    @property
     def is_supported(self) -> bool:
         """Readable as numbers rankkit can analyse or skip (not fp8, complex, ...)."""
         return self.is_float or self.dtype in ("int64", "int32", "int16", "int8", "uint8", "bool")

@@ -157,7 +157,7 @@ def plan_updates(
             LayerUpdate(
                 pair.name, pair.shape, delta=delta,
                 weight=lambda pair=pair: ft_ckpt[pair.finetuned_key],
-                eps=float(torch.finfo(getattr(torch, info.dtype)).eps),
+                eps=info.eps,
             )
         )  # fmt: skip
     removed = [
@@ -222,7 +222,7 @@ def _plan_adapter(adapter: LoraAdapter, base: StateSource | None, layers: str | 
             update.weight = lambda key=key, update=update: (
                 _upcast(base_ckpt[key])[0] + (update.formed_delta())
             )
-            update.eps = float(torch.finfo(getattr(torch, base_ckpt.info[key].dtype)).eps)
+            update.eps = base_ckpt.info[key].eps
         updates.append(update)
     if not updates:
         raise ValueError(
@@ -405,9 +405,9 @@ def delta_report(
         if len(info.shape) < 2:
             skipped[name] = f"1-D ({info.shape}): no singular values"
             continue
-        update = LayerUpdate(name, info.shape, delta=lambda name=name: updates_ckpt[name])
-        if info.is_float:
-            update.eps = float(torch.finfo(getattr(torch, info.dtype)).eps)
+        update = LayerUpdate(
+            name, info.shape, delta=lambda name=name: updates_ckpt[name], eps=info.eps
+        )
         if weights_ckpt is not None:
             if name not in weights_ckpt.info:
                 raise KeyError(
@@ -421,8 +421,8 @@ def delta_report(
                     f"weight's {w_info.shape}."
                 )
             update.weight = lambda name=name: weights_ckpt[name]
-            if w_info.is_float:
-                update.eps = float(torch.finfo(getattr(torch, w_info.dtype)).eps)
+            if w_info.is_float:  # the weights' precision, as rank_report uses
+                update.eps = w_info.eps
         updates.append(update)
     plan = UpdatePlan(updates, skipped, "updates given directly")
     return _report_frame([_update_row(u, **options) for u in plan.layers], plan)
