@@ -20,7 +20,7 @@ from rankkit.budgets import compare_with_uniform, extraction_study, summarize_st
 from rankkit.intrinsic import HyperplaneProblem, TaskProblem, estimate_intrinsic_dimension
 from rankkit.methods import finetune
 from rankkit.sweep import parse_int_list, write_sweep_figures
-from rankkit.tasks import DEFAULT_TASK, data_dir, pretrain_base, task_table
+from rankkit.tasks import DEFAULT_TASK, data_dir, freeze_data, pretrain_base, task_table
 
 
 def _add_command(subparsers, name: str, help: str, examples: str) -> argparse.ArgumentParser:
@@ -267,6 +267,7 @@ def _register_sweep(subparsers) -> None:
         python -m rankkit sweep --config sweep.toml --jobs 2      # flags override the file
         python -m rankkit sweep --executor ray --ray-address auto --gpus-per-run 0.25
         python -m rankkit sweep --out runs/shared          # in two terminals at once: they share the runs
+        python -m rankkit sweep --allocation spectral --adalora   # per-layer ranks from a pilot; AdaLoRA
         """,
     )
     p.add_argument("--config", metavar="TOML", help="sweep config file (same keys as the flags)")
@@ -299,6 +300,15 @@ def _register_sweep(subparsers) -> None:
     p.add_argument("--gpus-per-run", type=float, help="Ray GPUs per run, fractions allowed")
     p.add_argument("--no-batch", dest="batch", action="store_false", default=None,
                    help="train runs one at a time even where batching applies")  # fmt: skip
+    p.add_argument(
+        "--allocation",
+        help="uniform (default): rank r in every layer; spectral: also spend each rank's "
+        "parameters on per-layer ranks from a pilot full fine-tune's spectra",
+    )
+    p.add_argument("--adalora", action="store_true", default=None,
+                   help="also train PEFT's AdaLoRA at each rank's final budget (needs "
+                   "pip install 'rankkit[peft]')")  # fmt: skip
+    _add_threads(p)
     p.add_argument("--force", action="store_true", help="continue a directory whose config differs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sweep)
@@ -315,9 +325,12 @@ def _cmd_sweep(args) -> int:
         "out": args.out, "jobs": args.jobs, "executor": args.executor,
         "ray_address": args.ray_address, "cpus_per_run": args.cpus_per_run,
         "gpus_per_run": args.gpus_per_run, "batch": args.batch,
+        "allocation": args.allocation, "adalora": args.adalora,
     }  # fmt: skip
     values.update({k: v for k, v in flags.items() if v is not None})
     config = SweepConfig.from_dict(values, source="sweep options")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         result = run_sweep(config, force=args.force, progress=not args.quiet)
     except KeyboardInterrupt as err:  # Ctrl-C: one line on what was saved, no traceback
@@ -489,6 +502,7 @@ def _cmd_tasks(args) -> int:
         print(f"{row['task']}{default}: {params} parameters, metric {row['metric']}")
         print(f"    {row['description']}")
         print(f"    base weights: {row['base']}")
+        print(f"    data: {row['data']}")
     return 0
 
 
@@ -532,6 +546,35 @@ def _cmd_pretrain(args) -> int:
     print(f"wrote {directory}/{entry['file']} (sha256 {entry['sha256'][:16]}..., "
           f"{entry['bytes'] / 2**20:.1f} MiB) in {entry['wall_time_s']}s")  # fmt: skip
     print(f"pretraining metric: {json.dumps(entry['metric'])}")
+    return 0
+
+
+def _register_freeze_data(subparsers) -> None:
+    p = _add_command(
+        subparsers,
+        "freeze-data",
+        "Record a task's data under the manifest's checksum: topics freezes the text that ships "
+        "with this Python into data/topics-data.json.gz (every Python then reads that file); "
+        "digits records the checksum of its splits. 'rankkit tasks' re-checks both.",
+        """
+        python -m rankkit freeze-data topics
+        python -m rankkit freeze-data digits
+        """,
+    )
+    p.add_argument("task", help="task name (see python -m rankkit tasks)")
+    p.set_defaults(func=_cmd_freeze_data)
+
+
+def _cmd_freeze_data(args) -> int:
+    try:
+        entry = freeze_data(args.task)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    if "file" in entry:
+        print(f"wrote {data_dir()}/{entry['file']} (sha256 {entry['sha256'][:16]}..., "
+              f"{entry['bytes'] / 2**10:.0f} KiB)")  # fmt: skip
+    print(f"{args.task}: {entry['data']}")
+    print(f"recorded in {data_dir()}/manifest.json: splits sha256 {entry['splits_sha256'][:16]}...")
     return 0
 
 
@@ -604,6 +647,7 @@ _REGISTRARS = [
     _register_intrinsic_dim,
     _register_tasks,
     _register_pretrain,
+    _register_freeze_data,
     _register_finetune,
 ]
 

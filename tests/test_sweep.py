@@ -420,7 +420,7 @@ def test_missing_base_weights_are_refused_before_any_run(tmp_path, monkeypatch):
 
     monkeypatch.setenv("RANKKIT_DATA_DIR", str(tmp_path / "empty"))
     out = tmp_path / "nobase"
-    with pytest.raises(CheckpointError, match="no base weights for task 'digits'"):
+    with pytest.raises(CheckpointError, match="no base weights of task 'digits'"):
         run_sweep(SweepConfig(**TINY, out=str(out)), progress=False)
     assert not out.exists()
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import platform
 import shutil
 import socket
-from pydoc_data.topics import topics
+import sys
 
 import pytest
 import torch
@@ -26,9 +28,11 @@ from rankkit.tasks import (
     read_manifest,
 )
 from rankkit.tasks import digits as digits_module
+from rankkit.tasks.base import splits_sha256
 from rankkit.tasks.topics import (
     PASSAGE_TOKENS,
     Vocabulary,
+    build_topic_data,
     normalize,
     tokenize,
     topic_data,
@@ -81,7 +85,7 @@ def test_cli_tasks_lists_parameter_counts_and_metrics(capsys):
         assert name in out
     assert f"{get_task('digits').num_parameters():,} parameters" in out
     assert f"{get_task('topics').num_parameters():,} parameters" in out
-    assert out.count("sha256 verified") == 2
+    assert out.count("base weights: ok (sha256 verified)") == 2
 
 
 # --------------------------------------------------------------------------- base weights
@@ -155,7 +159,7 @@ def test_missing_base_file_names_the_rebuild_command(data_copy):
 
 def test_missing_manifest_entry_is_reported(data_copy):
     (data_copy / "manifest.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="no base weights for task 'digits'"):
+    with pytest.raises(CheckpointError, match="no base weights of task 'digits'"):
         get_task("digits").build_model()
 
 
@@ -179,11 +183,11 @@ def test_truncated_checkpoint_is_a_clear_error_never_a_pickle_load(data_copy, mo
 
 def test_base_with_wrong_shapes_is_reported(data_copy):
     from rankkit.checkpoints import save_state_dict
-    from rankkit.tasks.base import _write_manifest_entry
+    from rankkit.tasks.base import write_manifest_entry
 
     path = save_state_dict({"fc1.weight": torch.zeros(3, 3)}, data_copy / "digits.safetensors")
     entry = {**read_manifest(data_copy)["digits"], "sha256": sha256_file(path)}
-    _write_manifest_entry("digits", entry, data_copy)
+    write_manifest_entry("digits", entry, data_copy)
     with pytest.raises(CheckpointError, match="do not fit its model"):
         get_task("digits").build_model()
 
@@ -284,15 +288,98 @@ def test_topics_passages_are_split_without_overlap():
         assert all(
             tokenize(text) == toks for text, toks in zip(passages[split], data.tokens[split])
         )
-    # A passage's text occurs in its own topic and in no other class.
-    texts = {c: normalize(topics[c]) for c in data.classes}
-    for text, label in zip(*data.splits["test"]):
-        homes = [c for c in data.classes if text in texts[c]]
-        assert homes == [data.classes[label]]
     # The language model never read an evaluation passage.
     lm = " ".join(data.lm_tokens)
     assert not any(" ".join(t) in lm for t in data.tokens["val"] + data.tokens["test"])
     assert len(data.lm_tokens) > 90_000
+
+
+def test_topics_builder_gives_each_passage_one_topic_on_this_python():
+    """The construction itself, on whatever pydoc_data this interpreter ships."""
+    from pydoc_data.topics import topics
+
+    data = build_topic_data()
+    texts = {c: normalize(topics[c]) for c in data.classes}
+    for split in ("val", "test"):
+        for text, label in zip(*data.splits[split]):
+            homes = [c for c in data.classes if text in texts[c]]
+            assert homes == [data.classes[label]]
+    assert len(data.classes) >= 50 and "compound" not in data.classes
+
+
+def test_topics_task_is_read_from_the_frozen_copy_not_the_interpreter(monkeypatch):
+    """Same splits and token ids on every Python: pydoc_data cannot even be imported."""
+    from rankkit.tasks.topics import _corpus_vocabulary, _topic_splits
+
+    monkeypatch.setitem(sys.modules, "pydoc_data", None)
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)
+    with pytest.raises(ImportError):
+        build_topic_data()
+    for cached in (topic_data, _topic_splits, _corpus_vocabulary):
+        cached.cache_clear()
+    try:
+        entry = read_manifest()["topics-data"]
+        assert splits_sha256(get_task("topics").splits()) == entry["splits_sha256"]
+        assert len(topic_data().lm_tokens) == 97_108
+        assert _corpus_vocabulary().tokens == vocabulary().tokens  # same ids as the base
+    finally:
+        for cached in (topic_data, _topic_splits, _corpus_vocabulary):
+            cached.cache_clear()
+
+
+def test_tasks_command_verifies_the_data(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("data: ok (sha256 of the splits verified)") == 2  # digits and topics
+    assert "the topics task's frozen data (sha256 verified)" in out or "rankkit[hf]" in out
+
+
+def test_a_changed_split_is_reported_by_the_tasks_command(data_copy, capsys):
+    manifest = json.loads((data_copy / "manifest.json").read_text())
+    manifest["topics-data"]["splits_sha256"] = "0" * 64  # as if the splits had changed
+    (data_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["tasks"]) == 0
+    assert "data: DIFFERENT from the manifest" in capsys.readouterr().out
+
+
+def test_corrupt_frozen_data_names_the_freeze_command(data_copy):
+    from rankkit.tasks.base import load_frozen_data
+
+    path = data_copy / "topics-data.json.gz"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"freeze-data topics"):
+        load_frozen_data("topics")
+    path.unlink()
+    with pytest.raises(CheckpointError, match=r"missing.*freeze-data topics"):
+        load_frozen_data("topics")
+    manifest = json.loads((data_copy / "manifest.json").read_text())
+    del manifest["topics-data"]
+    (data_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"no frozen data of task 'topics'.*freeze-data"):
+        load_frozen_data("topics")
+
+
+def test_freeze_data_rewrites_the_same_task(data_copy):
+    """Refreezing gives the same splits on the Python that built the data, and
+    consistent checksums on any other (whose pydoc_data may differ)."""
+    from rankkit.tasks import freeze_data
+    from rankkit.tasks.base import load_frozen_data
+    from rankkit.tasks.topics import _topic_splits
+
+    shipped = read_manifest()["topics-data"]
+    try:
+        entry = freeze_data("topics")
+        payload = json.dumps(load_frozen_data("topics"), sort_keys=True, separators=(",", ":"))
+        assert hashlib.sha256(payload.encode()).hexdigest() == entry["json_sha256"]
+        assert splits_sha256(get_task("topics").splits()) == entry["splits_sha256"]
+        if shipped["python"] == platform.python_version():
+            assert entry["json_sha256"] == shipped["json_sha256"]
+            assert entry["splits_sha256"] == shipped["splits_sha256"]
+    finally:
+        topic_data.cache_clear()
+        _topic_splits.cache_clear()
+    with pytest.raises(ValueError, match="no data of its own"):
+        freeze_data("minilm")
 
 
 def test_topics_tokenizer_and_vocabulary():

@@ -26,6 +26,8 @@ here ships one, small enough for a laptop CPU:
 from __future__ import annotations
 
 import os
+import platform
+import sys
 from typing import Any
 
 import torch
@@ -35,10 +37,15 @@ from rankkit.tasks.base import (
     MissingExtraError,
     Task,
     data_dir,
+    freeze_command,
+    frozen_data_key,
     load_base_weights,
+    load_frozen_data,
     read_manifest,
     rebuild_command,
     save_base_weights,
+    splits_sha256,
+    write_manifest_entry,
 )
 from rankkit.tasks.digits import DigitsTask
 from rankkit.tasks.minilm import MiniLMTask
@@ -86,6 +93,7 @@ def task_table() -> list[dict[str, Any]]:
         task = get_task(name)
         row = task.info()
         row["base"] = base_status(task)
+        row["data"] = data_status(task) if row["base"].startswith("ok") else "not checked"
         rows.append(row)
     return rows
 
@@ -106,6 +114,74 @@ def base_status(task: Task) -> str:
         command = read_manifest().get(task.name, {}).get("command", rebuild_command(task.name))
         return f"NOT LOADABLE ({str(err).split(':')[0]}); rebuild with: {command}"
     return "ok (sha256 verified)"
+
+
+def data_status(task: Task) -> str:
+    """Whether the task's data is what its manifest recorded, or why not.
+
+    Checks the frozen data file (if the task has one) and re-computes the SHA-256 of
+    the split tensors (:func:`~rankkit.tasks.base.splits_sha256`) against the one
+    recorded when the data was frozen or the base was built.
+    """
+    manifest = read_manifest()
+    source = getattr(task, "data_from", None)  # a task reusing another's frozen data
+    if source is not None:
+        try:
+            load_frozen_data(source)
+        except CheckpointError as err:
+            return f"NOT LOADABLE ({err})"
+        return f"the {source} task's frozen data (sha256 verified)"
+    entry = manifest.get(frozen_data_key(task.name))
+    if entry is None:
+        return f"no checksum recorded; record it with: {freeze_command(task.name)}"
+    try:
+        if "file" in entry:
+            load_frozen_data(task.name)
+        actual = splits_sha256(task.splits())
+    except (CheckpointError, MissingExtraError) as err:
+        return f"NOT LOADABLE ({err})"
+    if actual != entry["splits_sha256"]:
+        expected, command = entry["splits_sha256"], entry["command"]
+        return (
+            f"DIFFERENT from the manifest (splits sha256 {actual[:16]}..., recorded "
+            f"{expected[:16]}...): results will not match the documented ones; rebuild with: "
+            f"{command}"
+        )
+    return "ok (sha256 of the splits verified)"
+
+
+def freeze_data(name: str) -> dict[str, Any]:
+    """Record task ``name``'s data in the manifest, so any machine can check it has the same.
+
+    A task whose data comes from text shipped with Python (``topics``) freezes a copy
+    into ``data/``, which every Python then reads; a task whose data ships in a
+    package (``digits``: scikit-learn's bundled images) records the SHA-256 of its
+    splits only. Either way ``python -m rankkit tasks`` re-computes that checksum.
+    """
+    task = get_task(name)
+    if hasattr(task, "freeze_data"):
+        return task.freeze_data()
+    source = getattr(task, "data_source", None)
+    if source is None:
+        raise ValueError(
+            f"task {name!r} has no data of its own to record (its data is "
+            f"{getattr(task, 'data_from', 'not built by rankkit')!r}'s). Tasks with "
+            "recorded data: "
+            + ", ".join(
+                n
+                for n in TASKS
+                if hasattr(TASKS[n], "freeze_data") or hasattr(TASKS[n], "data_source")
+            )
+        )
+    entry = {
+        "command": freeze_command(name),
+        "data": source,
+        "splits_sha256": splits_sha256(task.splits()),
+        "python": platform.python_version(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+    }
+    write_manifest_entry(frozen_data_key(name), entry)
+    return entry
 
 
 def pretrain_base(
@@ -153,6 +229,8 @@ __all__ = [
     "TopicsTask",
     "base_status",
     "data_dir",
+    "data_status",
+    "freeze_data",
     "get_task",
     "list_tasks",
     "load_base_weights",

@@ -23,6 +23,8 @@ unpickled.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import platform
@@ -75,7 +77,11 @@ def read_manifest(directory: str | os.PathLike | None = None) -> dict[str, Any]:
         ) from err
 
 
-def _write_manifest_entry(name: str, entry: Mapping[str, Any], directory: Path) -> Path:
+def write_manifest_entry(
+    name: str, entry: Mapping[str, Any], directory: str | os.PathLike | None = None
+) -> Path:
+    """Set ``manifest[name] = entry`` (atomically; the other entries are kept)."""
+    directory = Path(directory or data_dir())
     manifest = read_manifest(directory)
     manifest[name] = dict(entry)
     path = directory / MANIFEST
@@ -93,30 +99,121 @@ def rebuild_command(name: str, seed: int = 0) -> str:
     return f"python -m rankkit pretrain {name} --seed {seed}"
 
 
-def _verified_path(name: str, directory: str | os.PathLike | None = None) -> Path:
-    """Path of the base weights of task ``name``, after checking them against the manifest."""
+def freeze_command(name: str) -> str:
+    """The command line that regenerates the frozen data of task ``name``."""
+    return f"python -m rankkit freeze-data {name}"
+
+
+def frozen_data_key(name: str) -> str:
+    """Manifest key of the frozen data of task ``name`` (its base weights use ``name``)."""
+    return f"{name}-data"
+
+
+def _verified_path(
+    key: str,
+    directory: str | os.PathLike | None = None,
+    what: str | None = None,
+    command: str | None = None,
+) -> Path:
+    """Path of the file recorded under ``key`` in the manifest, after checking its checksum.
+
+    ``what`` names the file in messages and ``command`` rebuilds it (default: the base
+    weights of task ``key`` and their ``pretrain`` command).
+    """
     directory = Path(directory or data_dir())
-    entry = read_manifest(directory).get(name)
+    what = what or f"base weights of task {key!r}"
+    entry = read_manifest(directory).get(key)
+    command = (entry or {}).get("command") or command or rebuild_command(key)
     if entry is None:
         raise CheckpointError(
-            f"no base weights for task {name!r}: {directory / MANIFEST} has no entry for it. "
-            f"Build them with: {rebuild_command(name)}"
+            f"no {what}: {directory / MANIFEST} has no entry {key!r}. Build them with: {command}"
         )
-    command = entry.get("command", rebuild_command(name))
     path = directory / entry["file"]
     if not path.exists():
         raise CheckpointError(
-            f"base weights of task {name!r} are missing: no file {str(path)!r}. "
-            f"Rebuild them with: {command}"
+            f"{what} are missing: no file {str(path)!r}. Rebuild them with: {command}"
         )
     actual = sha256_file(path)
     if actual != entry["sha256"]:
         raise CheckpointError(
-            f"base weights of task {name!r} do not match the manifest: {str(path)!r} has "
+            f"{what} do not match the manifest: {str(path)!r} has "
             f"sha256 {actual[:16]}..., the manifest expects {entry['sha256'][:16]}.... The file "
             f"is truncated, corrupt or from another build. Rebuild it with: {command}"
         )
     return path
+
+
+def save_frozen_data(
+    name: str,
+    payload: Mapping[str, Any],
+    fields: Mapping[str, Any],
+    directory: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Freeze a task's data as ``data/<name>-data.json.gz`` and record it in the manifest.
+
+    Data a task derives from the running interpreter (text shipped with Python, which
+    changes between releases) is written once, as canonical JSON (sorted keys), so
+    every Python reads the same examples. The manifest entry ``<name>-data`` holds the
+    file's SHA-256 (checked before every read), the SHA-256 of the JSON text, the
+    command that rebuilt it, and ``fields`` (where the data came from).
+    """
+    directory = Path(directory or data_dir())
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    path = directory / f"{frozen_data_key(name)}.json.gz"
+    # mtime=0: the gzip header otherwise holds the time, and the checksum with it.
+    blob = gzip.compress(text, compresslevel=9, mtime=0)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(blob)
+    os.replace(tmp, path)
+    os.chmod(path, 0o644)
+    entry = {
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "json_sha256": hashlib.sha256(text).hexdigest(),
+        "command": freeze_command(name),
+        **fields,
+        "python": platform.python_version(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+    }
+    write_manifest_entry(frozen_data_key(name), entry, directory)
+    return entry
+
+
+def load_frozen_data(name: str, directory: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The frozen data of task ``name``, after checking the file against the manifest.
+
+    Raises
+    ------
+    CheckpointError
+        If the manifest has no entry for it, the file is missing or its checksum
+        differs; the message names the command that rebuilds it.
+    """
+    what = f"frozen data of task {name!r}"
+    path = _verified_path(frozen_data_key(name), directory, what, freeze_command(name))
+    try:
+        return json.loads(gzip.decompress(path.read_bytes()))
+    except (OSError, EOFError, ValueError) as err:  # matching checksum, unreadable content
+        raise CheckpointError(
+            f"{what}: {str(path)!r} is not gzip-compressed JSON ({err}). Rebuild it with: "
+            f"{freeze_command(name)}"
+        ) from err
+
+
+def splits_sha256(splits: Mapping[str, Dataset]) -> str:
+    """SHA-256 of a task's splits: every tensor's dtype, shape and bytes, split by split.
+
+    Two machines with the same checksum train and evaluate on identical examples.
+    Recorded in the manifest when the data is frozen or the base is built, and
+    re-computed by ``python -m rankkit tasks``.
+    """
+    digest = hashlib.sha256()
+    for split in sorted(splits):
+        for tensor in splits[split].tensors:
+            digest.update(f"{split}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_base_weights(
@@ -186,7 +283,7 @@ def save_base_weights(
         "torch": torch.__version__,
         "platform": f"{sys.platform}-{platform.machine()}",
     }
-    _write_manifest_entry(name, full, directory)
+    write_manifest_entry(name, full, directory)
     return full
 
 

@@ -129,6 +129,7 @@ class DigitsTask(Task):
     )
     metric_name = "accuracy"
     head_modules = ["head"]  # noqa: RUF012
+    data_source = "scikit-learn's bundled load_digits (1,797 images); split with seed 0"
     default_hparams = {  # noqa: RUF012
         "epochs": 30,
         "lr": 3e-3,

@@ -100,6 +100,8 @@ class MiniLMTask(Task):
     )
     metric_name = "accuracy"
     head_modules = ["head"]  # noqa: RUF012
+    #: The passages are the topics task's frozen ones; the model's own tokenizer encodes them.
+    data_from = "topics"
     default_hparams = {  # noqa: RUF012
         "epochs": 3,
         "lr": 5e-4,

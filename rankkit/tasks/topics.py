@@ -14,6 +14,12 @@ space) and split into tokens: words and identifiers, numbers, and single
 punctuation marks (114k tokens). A *passage* is a run of 24 consecutive tokens
 (about 110 characters); a topic's passages do not overlap.
 
+Frozen. That text changes between Python releases (Debian's 3.11.2 gives 55
+classes, 3.11.7 gives 56), so the splits and the pretraining tokens built from
+Python 3.11.7 are frozen into ``data/topics-data.json.gz`` under the manifest's
+checksum, and the task reads only that file: every Python sees the same task.
+``python -m rankkit freeze-data topics`` rebuilds it from the running interpreter.
+
 Downstream task. *Which reference topic does this passage come from?* Some
 topics repeat others ("compound" contains "for", "while", "try"...), so classes
 are chosen from the most specific topic up, and a passage that also occurs in
@@ -58,7 +64,13 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from rankkit.checkpoints import CheckpointError
-from rankkit.tasks.base import Task, base_metadata
+from rankkit.tasks.base import (
+    Task,
+    base_metadata,
+    load_frozen_data,
+    save_frozen_data,
+    splits_sha256,
+)
 from rankkit.train import fit
 
 PASSAGE_TOKENS = 24
@@ -67,6 +79,7 @@ MAX_PASSAGES = 40
 HELD_OUT_FRACTION = 0.2
 SPLIT_SEED = 0
 VOCAB_SIZE = 2048
+SPLITS = ("train", "val", "test")
 
 UNK = 0
 UNK_TOKEN = "<unk>"
@@ -141,7 +154,28 @@ def _passages(text: str) -> list[tuple[str, tuple[str, ...]]]:
 
 @lru_cache(maxsize=1)
 def topic_data() -> TopicData:
-    """Build the (deterministic) passage splits from ``pydoc_data.topics``."""
+    """The passage splits and the pretraining text, as frozen in ``data/topics-data.json.gz``.
+
+    Read from the frozen copy (checksum-verified), never from the running
+    interpreter: ``pydoc_data.topics`` differs between Python releases (3.11.2 gives
+    55 classes, 3.11.7 gives 56), and the task must not.
+    """
+    payload = load_frozen_data("topics")
+    splits = payload["splits"]
+    return TopicData(
+        classes=tuple(payload["classes"]),
+        splits={s: (splits[s]["texts"], splits[s]["labels"]) for s in SPLITS},
+        tokens={s: splits[s]["tokens"] for s in SPLITS},
+        lm_tokens=payload["lm_tokens"],
+    )
+
+
+def build_topic_data() -> TopicData:
+    """Build the passage splits from this interpreter's ``pydoc_data.topics``.
+
+    Only ``python -m rankkit freeze-data topics`` calls this; the task reads the
+    frozen result (:func:`topic_data`).
+    """
     from pydoc_data.topics import topics
 
     texts = {name: normalize(topics[name]) for name in sorted(topics)}
@@ -184,7 +218,7 @@ def topic_data() -> TopicData:
         classes = [name for name in classes if name not in too_small]
     classes.sort()
 
-    splits: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in ("train", "val", "test")}
+    splits: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in SPLITS}
     tokens: dict[str, list[list[str]]] = {s: [] for s in splits}
     for label, name in enumerate(classes):
         # Seeded by the topic name, so a topic's draw does not depend on the others.
@@ -392,6 +426,40 @@ class TopicsTask(Task):
     def splits(self) -> dict[str, Dataset]:
         return _topic_splits(vocabulary())
 
+    def freeze_data(self) -> dict:
+        """Rebuild the frozen data from this interpreter's ``pydoc_data``; return its entry.
+
+        Writes ``data/topics-data.json.gz`` and its manifest entry, including the
+        SHA-256 of the split tensors read back through the task, which
+        ``python -m rankkit tasks`` and the tests compare against.
+        """
+        data = build_topic_data()
+        payload = {
+            "classes": list(data.classes),
+            "splits": {
+                s: {
+                    "texts": data.splits[s][0],
+                    "labels": data.splits[s][1],
+                    "tokens": data.tokens[s],
+                }
+                for s in SPLITS
+            },
+            "lm_tokens": data.lm_tokens,
+        }
+        sizes = "/".join(str(len(data.splits[s][1])) for s in SPLITS)
+        fields = {
+            "data": (
+                f"pydoc_data.topics of Python {platform.python_version()}: {len(data.classes)} "
+                f"classes, {sizes} train/val/test passages, {len(data.lm_tokens):,} "
+                "pretraining tokens"
+            ),
+        }
+        save_frozen_data(self.name, payload, fields)
+        topic_data.cache_clear()  # read back what was written, as every later run will
+        _topic_splits.cache_clear()
+        fields["splits_sha256"] = splits_sha256(self.splits())
+        return save_frozen_data(self.name, payload, fields)
+
     def pretrain(self, seed: int = 0, progress: bool = True, device: str = "cpu"):
         """Pretrain the language model; return ``(state, manifest_fields)``."""
         vocab = _corpus_vocabulary()
@@ -406,7 +474,7 @@ class TopicsTask(Task):
         return model.state_dict(), {
             "config": asdict(self.config),
             "data": (
-                f"pydoc_data.topics of Python {platform.python_version()}: "
+                f"pydoc_data.topics as frozen in data/topics-data.json.gz: "
                 f"{len(data.lm_tokens):,} tokens (every topic minus the val/test passages "
                 f"of the topics task), {unknown:.1%} of them <unk>"
             ),
