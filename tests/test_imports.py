@@ -11,7 +11,7 @@ anything below it, never above)::
     train                                  the one training loop
     tasks, subspace, plots                 models + data; subspace wrapper; figures
     methods, stacked                       one recipe per method; K runs in one model
-    batched                                many LoRA runs in one model
+    batched, adalora                       many LoRA runs in one model; AdaLoRA (PEFT)
     intrinsic, sweep, budgets              experiments
     figures                                the README's figures
     rankkit (the package), cli, __main__   entry points, each above the one before
@@ -38,7 +38,7 @@ LAYERS = [
     ["rankkit.train"],
     ["rankkit.tasks", "rankkit.subspace", "rankkit.plots"],
     ["rankkit.methods", "rankkit.stacked"],
-    ["rankkit.batched"],
+    ["rankkit.batched", "rankkit.adalora"],
     ["rankkit.intrinsic", "rankkit.sweep", "rankkit.budgets"],
     ["rankkit.figures"],
     ["rankkit"],

@@ -27,7 +27,10 @@ importable from here:
 
 * :mod:`rankkit.sweep.config` -- :class:`SweepConfig` and the runs it plans;
 * :mod:`rankkit.sweep.store` -- the results folder: atomic writes, locks and claims;
-* :mod:`rankkit.sweep.summary` -- the gain, and the rank that reaches it.
+* :mod:`rankkit.sweep.summary` -- the gain, and the rank that reaches it;
+* :mod:`rankkit.sweep.pilot` -- spectral allocation: per-layer ranks from a pilot full
+  fine-tune (``allocation="spectral"``); ``adalora=True`` adds PEFT's AdaLoRA
+  (:mod:`rankkit.adalora`) at the same final rank.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import time
 import traceback
@@ -48,21 +52,28 @@ from typing import Any
 import pandas as pd
 import torch
 
+from rankkit.adalora import fit_adalora
 from rankkit.batched import fit_batched, max_batch_runs
 from rankkit.devices import resolve_device
-from rankkit.lora import LoraConfig, apply_lora, save_adapter
+from rankkit.lora import LoraConfig, save_adapter
+from rankkit.lora.model import lora_layers
 from rankkit.methods import method_lr, prepare_run
 from rankkit.sweep.config import (
+    ALLOCATIONS,
     DEFAULT_RANKS,
     DEFAULT_SEEDS,
     EXECUTORS,
+    LORA_METHODS,
     METHODS,
     RunSpec,
     SweepConfig,
+    adalora_init_rank,
     alpha_for_rank,
     parse_int_list,
     plan_runs,
+    target_modules,
 )
+from rankkit.sweep.pilot import adapted_layers, describe_pattern, spectral_rank_patterns
 from rankkit.sweep.store import (
     RESULT_COLUMNS,
     Claims,
@@ -74,6 +85,7 @@ from rankkit.sweep.store import (
 )
 from rankkit.sweep.summary import (
     GAIN_TOLERANCE,
+    compare_allocations,
     format_summary,
     rank_for_gain,
     rank_for_gain_interval,
@@ -83,6 +95,7 @@ from rankkit.tasks import get_task
 from rankkit.utils import count_parameters
 
 __all__ = [
+    "ALLOCATIONS",
     "DEFAULT_RANKS",
     "DEFAULT_SEEDS",
     "EXECUTORS",
@@ -98,6 +111,7 @@ __all__ = [
     "batch_groups",
     "check_ranks_fit",
     "check_sweep_can_run",
+    "compare_allocations",
     "format_summary",
     "load_results",
     "lora_config_for",
@@ -107,6 +121,7 @@ __all__ = [
     "rank_for_gain_interval",
     "run_one",
     "run_sweep",
+    "spectral_rank_patterns",
     "summarize",
     "write_sweep_figures",
 ]
@@ -117,22 +132,15 @@ __all__ = [
 def check_ranks_fit(config: SweepConfig) -> None:
     """Refuse ranks larger than the narrowest layer each target set adapts.
 
-    The layers are read from a model on the ``meta`` device: shapes only, no memory, no
-    weights and no random numbers.
+    With ``adalora``, AdaLoRA's initial ranks (``ceil(1.5 r)``) must fit as well; with
+    ``allocation="spectral"``, a target set must adapt at least two layers (with one,
+    there is no rank to move and spectral runs would repeat the uniform ones). The
+    layers are read from a model on the ``meta`` device (:func:`adapted_layers`).
     """
     task = get_task(config.task)
     for targets in config.targets:
-        with torch.device("meta"):
-            model = task.build_model(pretrained=False, seed=None)
-            config_r1 = LoraConfig(
-                r=1, target_modules=_target_modules(targets), modules_to_save=task.head_modules
-            )
-            apply_lora(model, config_r1, roles=task.roles)
-        widths = {
-            name: min(m.in_features, m.out_features)
-            for name, m in model.named_modules()
-            if hasattr(m, "lora_A")
-        }
+        layers = adapted_layers(task, targets)
+        widths = {name: min(shape) for name, shape in layers.items()}
         narrowest = min(widths, key=widths.get)
         too_big = [r for r in config.ranks if r > widths[narrowest]]
         if too_big:
@@ -141,42 +149,99 @@ def check_ranks_fit(config: SweepConfig) -> None:
                 f"(min(in, out) = {widths[narrowest]}) for targets {targets!r}; the largest "
                 f"useful rank there is {widths[narrowest]}."
             )
+        init = {r: adalora_init_rank(r) for r in config.ranks}
+        too_big = [r for r in config.ranks if init[r] > widths[narrowest]]
+        if config.adalora and too_big:
+            raise ValueError(
+                f"adalora: AdaLoRA starts rank(s) {too_big} at {[init[r] for r in too_big]} "
+                f"(1.5 times the final rank), above the width of {narrowest!r} (min(in, out) = "
+                f"{widths[narrowest]}) for targets {targets!r}; drop those ranks or adalora."
+            )
+        if config.allocation == "spectral" and len(layers) < 2:
+            raise ValueError(
+                f"allocation='spectral' moves rank between layers, but targets {targets!r} "
+                f"adapt one layer ({narrowest}); target two or more (e.g. 'all-linear'), or "
+                "use allocation='uniform'."
+            )
 
 
 def run_one(spec: RunSpec, config: SweepConfig, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Train one run and return its results row. Exceptions propagate to the caller."""
     task = get_task(config.task)
-    lora_config = lora_config_for(spec, config, task) if spec.method == "lora" else None
-    lr = config.lr if spec.method == "lora" else config.full_lr
-    run = prepare_run(task, spec.method, spec.seed, lr=lr, lora_config=lora_config)
+    if spec.method == "adalora":
+        return _run_adalora(spec, config, task, out_dir)
+    lora = spec.method in LORA_METHODS
+    lora_config = lora_config_for(spec, config, task) if lora else None
+    lr = config.lr if lora else config.full_lr
+    run = prepare_run(task, "lora" if lora else spec.method, spec.seed, lr=lr,
+                      lora_config=lora_config)  # fmt: skip
     result = run.fit(task, epochs=config.epochs, device=config.device, progress=False)
     return _result_row(spec, config, task, run.model, result, out_dir)
 
 
-def _target_modules(targets: str) -> str | list[str]:
-    """A sweep's target set (``"q,v"`` or ``"all-linear"``) as ``LoraConfig.target_modules``."""
-    return "all-linear" if targets == "all-linear" else targets.split(",")
-
-
 def lora_config_for(spec: RunSpec, config: SweepConfig, task) -> Any:
-    """The LoraConfig of a LoRA run (the same for single and batched training)."""
+    """The LoraConfig of a LoRA run (the same for single and batched training).
+
+    A spectral run adapts exactly the modules of its ``rank_pattern`` (an exact regular
+    expression), each with its own rank and the alpha the sweep's rule gives that rank.
+    """
+    if spec.rank_pattern is None:
+        return LoraConfig(
+            r=spec.rank,
+            lora_alpha=spec.alpha,
+            target_modules=target_modules(spec.targets),
+            use_rslora=config.rslora,
+            modules_to_save=task.head_modules,
+        )
+    # Longest names first: PEFT applies the first key matching a module name as a suffix.
+    ranks = dict(sorted(spec.rank_pattern, key=lambda kv: -len(kv[0])))
     return LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
-        target_modules=_target_modules(spec.targets),
+        target_modules="(" + "|".join(re.escape(m) for m in ranks) + ")",
         use_rslora=config.rslora,
+        rank_pattern={re.escape(m): r for m, r in ranks.items()},
+        alpha_pattern={re.escape(m): alpha_for_rank(config.alpha, r) for m, r in ranks.items()},
         modules_to_save=task.head_modules,
     )
 
 
-def _result_row(spec: RunSpec, config: SweepConfig, task, model, result, out_dir) -> dict[str, Any]:
-    """Save a trained run's adapter (LoRA) and return its results row."""
-    adapter_path = ""
+def _run_adalora(spec: RunSpec, config: SweepConfig, task, out_dir) -> dict[str, Any]:
+    """Train one AdaLoRA run (PEFT) through the one training loop; save it; its row."""
+    layers = adapted_layers(task, spec.targets)
+    trained = fit_adalora(
+        task, list(layers), spec.rank, init_r=adalora_init_rank(spec.rank),
+        lora_alpha=spec.alpha, seed=spec.seed, epochs=config.epochs, lr=config.lr,
+        device=config.device,
+    )  # fmt: skip
+    directory = Path(out_dir) / "adapters" / spec.run_id
+    trained.save(directory)
+    row = _result_row(spec, config, task, trained.model, trained.result, out_dir, save=False)
+    row["adapter"] = str(directory.relative_to(out_dir) / "adapter_model.safetensors")
+    row["rank_pattern"] = describe_pattern(trained.ranks)
+    row["adapter_params"] = trained.adapter_params
+    return row
+
+
+def _result_row(
+    spec: RunSpec, config: SweepConfig, task, model, result, out_dir, save: bool = True
+) -> dict[str, Any]:
+    """Save a trained run's adapter (LoRA) and return its results row.
+
+    LoRA rows also record their allocation, per-layer ranks (``"fc1:3 fc2:5"``) and
+    ``adapter_params``, the parameters of ``A`` and ``B`` (the head not included).
+    """
+    adapter_path, extra = "", {}
     counts = count_parameters(model)
-    if spec.method == "lora":
+    if save and spec.method in LORA_METHODS:
         directory = Path(out_dir) / "adapters" / spec.run_id
         save_adapter(model, directory)
         adapter_path = str(directory.relative_to(out_dir) / "adapter_model.safetensors")
+        layers = lora_layers(model)
+        extra = {
+            "rank_pattern": describe_pattern({n: m.r for n, m in layers.items()}),
+            "adapter_params": sum(m.lora_A.numel() + m.lora_B.numel() for m in layers.values()),
+        }
     metric = task.metric_name
     return {
         "run_id": spec.run_id,
@@ -198,6 +263,8 @@ def _result_row(spec: RunSpec, config: SweepConfig, task, model, result, out_dir
         "status": "ok",
         "error": "",
         "adapter": adapter_path,
+        "allocation": spec.allocation,
+        **extra,
     }
 
 
@@ -220,6 +287,7 @@ def _spec_row(spec: RunSpec, config: SweepConfig) -> dict[str, Any]:
     return {
         "run_id": spec.run_id, "task": config.task, "method": spec.method, "rank": spec.rank,
         "alpha": spec.alpha, "targets": spec.targets, "seed": spec.seed,
+        "allocation": spec.allocation,
     }  # fmt: skip
 
 
@@ -251,8 +319,8 @@ def check_sweep_can_run(config: SweepConfig) -> None:
     Checks that the device exists on this machine, that the task's optional
     dependencies are installed, that its base weights load (present and matching
     the manifest), that every rank fits the layers it adapts, and that Ray is
-    installed if the executor is ``"ray"``. (:func:`run_sweep` then checks that the
-    output folder can be written, before it writes anything there.)
+    installed if the executor is ``"ray"``, and PEFT if ``adalora``. (:func:`run_sweep`
+    then checks that the output folder can be written, before it writes anything there.)
 
     Raises
     ------
@@ -273,6 +341,8 @@ def check_sweep_can_run(config: SweepConfig) -> None:
         raise ImportError(
             "executor='ray' needs Ray: pip install 'rankkit[ray]' (or pip install 'ray[default]')."
         )
+    if config.adalora and importlib.util.find_spec("peft") is None:
+        raise ImportError("adalora=True trains PEFT's AdaLoRA: pip install 'rankkit[peft]'.")
 
 
 def run_sweep(
@@ -321,7 +391,10 @@ def run_sweep(
     check_sweep_can_run(config)
     out_dir = config.output_dir()
     claim_directory(out_dir, config, force)
-    session = _Session(config, out_dir, runner or run_one, log, progress)
+    patterns = None
+    if config.allocation == "spectral":  # train (or reuse) the pilot before any run
+        patterns = spectral_rank_patterns(config, out_dir, log)
+    session = _Session(config, out_dir, runner or run_one, log, progress, patterns)
     try:
         session.train_all(poll_s)
     except KeyboardInterrupt:
@@ -350,6 +423,7 @@ class _Session:
         runner: Callable[..., dict[str, Any]],
         log: Callable[[str], None],
         progress: bool,
+        rank_patterns: dict | None = None,
     ):
         from tqdm.auto import tqdm
 
@@ -357,7 +431,7 @@ class _Session:
         self.started = time.time()
         self.store = ResultsStore(out_dir)
         self.claims = Claims(out_dir)
-        self.runs = plan_runs(config)
+        self.runs = plan_runs(config, rank_patterns)
         finished = self.store.finished()
         self.todo = [r for r in self.runs if r.run_id not in finished]
         self.skipped = [r.run_id for r in self.runs if r.run_id in finished]
@@ -485,9 +559,9 @@ def batch_groups(
         return single
 
     task = get_task(config.task)
-    groups = [[s] for s in todo if s.method != "lora"]
-    for targets in dict.fromkeys(s.targets for s in todo if s.method == "lora"):
-        runs = [s for s in todo if s.method == "lora" and s.targets == targets]
+    groups = [[s] for s in todo if s.method not in LORA_METHODS]
+    for targets in dict.fromkeys(s.targets for s in todo if s.method in LORA_METHODS):
+        runs = [s for s in todo if s.method in LORA_METHODS and s.targets == targets]
         try:
             largest = lora_config_for(max(runs, key=lambda s: s.rank), config, task)
             size = max_batch_runs(task, largest, device=config.device)
@@ -606,6 +680,9 @@ def write_sweep_figures(directory: str | os.PathLike) -> list[Path]:
 
     directory = Path(directory)
     results = load_results(directory)
+    # The figures draw uniform ranks and the baselines; spectral and AdaLoRA runs are
+    # compared with uniform ranks in the summary (compare_allocations).
+    results = results[results["method"].isin(("frozen", "full", "lora"))]
     d90 = _intrinsic_dimension(directory)
     written = []
     for stem, fig in (

@@ -9,6 +9,7 @@ order; a run's :attr:`RunSpec.run_id` names it in ``results.csv`` and on disk.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import sys
@@ -17,12 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from rankkit.tasks import get_task
-from rankkit.utils import did_you_mean
+from rankkit.utils import check_choice, did_you_mean
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32)
 DEFAULT_SEEDS = (0, 1, 2)
 EXECUTORS = ("local", "ray")
-METHODS = ("frozen", "full", "lora")
+#: The ``method`` of a run. ``lora`` has the same rank r in every adapted layer;
+#: ``lora-spectral`` spends uniform rank r's parameters with per-layer ranks from a pilot
+#: full fine-tune's spectra (``allocation="spectral"``); ``adalora`` is PEFT's AdaLoRA
+#: with uniform rank r's total rank as its final budget (``adalora=True``).
+METHODS = ("frozen", "full", "lora", "lora-spectral", "adalora")
+#: The methods trained as rankkit LoRA (one at a time or batched).
+LORA_METHODS = ("lora", "lora-spectral")
+#: How LoRA runs choose each layer's rank (:attr:`SweepConfig.allocation`).
+ALLOCATIONS = ("uniform", "spectral")
+#: AdaLoRA starts at this multiple of its final rank (Zhang et al. 2023: b(0) = 1.5 b(T)).
+ADALORA_INIT_FACTOR = 1.5
 
 
 # --------------------------------------------------------------------------- configuration
@@ -65,6 +76,17 @@ class SweepConfig:
         Ray resource requests per run; fractional GPUs let small runs share one GPU.
     batch : bool
         Train compatible LoRA runs together (batched multi-adapter training) when available.
+    allocation : {"uniform", "spectral"}
+        ``"spectral"`` adds, next to every uniform rank r, a LoRA run with the same
+        parameter budget, r * sum(in + out) over the adapted layers, spent on per-layer
+        ranks that keep the most energy of a pilot full fine-tune's ΔW
+        (:func:`rankkit.allocate_budget`, the rule of ``extract --budget``). The pilot is
+        one full fine-tune with seed 0, kept in ``<out>/pilot/`` and reused
+        (:mod:`rankkit.sweep.pilot`).
+    adalora : bool
+        Also train PEFT's AdaLoRA at every rank r: final budget r units of rank per
+        adapted layer (``target_r = r``), starting from ``ceil(1.5 r)``
+        (:mod:`rankkit.adalora`). Needs ``pip install 'rankkit[peft]'``.
     """
 
     task: str = "digits"
@@ -85,9 +107,13 @@ class SweepConfig:
     cpus_per_run: float = 1.0
     gpus_per_run: float = 0.0
     batch: bool = True
+    allocation: str = "uniform"
+    adalora: bool = False
 
-    # Keys that change how runs are executed, not what they compute: a directory may be
-    # resumed with different values of these.
+    # Keys that change no run's result: how runs are executed, and which runs join the
+    # uniform-rank ones (spectral and AdaLoRA runs have run ids of their own). A directory
+    # may be resumed with different values of these -- e.g. adding spectral runs to a
+    # finished uniform sweep -- and folders written before a key existed resume as well.
     EXECUTION_KEYS = (
         "out",
         "jobs",
@@ -96,6 +122,8 @@ class SweepConfig:
         "cpus_per_run",
         "gpus_per_run",
         "batch",
+        "allocation",
+        "adalora",
     )
 
     @classmethod
@@ -160,6 +188,9 @@ class SweepConfig:
                 raise ValueError(f"{name} must be positive, got {value}.")
         if self.cpus_per_run <= 0 or self.gpus_per_run < 0:
             raise ValueError("cpus_per_run must be > 0 and gpus_per_run >= 0.")
+        self.allocation = check_choice("allocation", self.allocation, ALLOCATIONS)
+        if not isinstance(self.adalora, bool):
+            raise ValueError(f"adalora must be true or false, got {self.adalora!r}.")
         return self
 
     def result_affecting(self) -> dict[str, Any]:
@@ -201,6 +232,16 @@ def parse_int_list(values: Any, name: str, *, minimum: int = 1) -> list[int]:
     return sorted(dict.fromkeys(out))
 
 
+def target_modules(targets: str) -> str | list[str]:
+    """A sweep's target set (``"q,v"`` or ``"all-linear"``) as ``LoraConfig.target_modules``."""
+    return "all-linear" if targets == "all-linear" else targets.split(",")
+
+
+def adalora_init_rank(rank: int) -> int:
+    """AdaLoRA's initial rank for a final rank ``rank``: ``ceil(1.5 rank)``."""
+    return math.ceil(ADALORA_INIT_FACTOR * rank)
+
+
 def _normalise_targets(spec: Any) -> str:
     if isinstance(spec, (list, tuple)):
         spec = ",".join(str(s) for s in spec)
@@ -237,33 +278,74 @@ def alpha_for_rank(alpha: float | str, rank: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-    """One training run of a sweep."""
+    """One training run of a sweep.
 
-    method: str  # "frozen", "full" or "lora"
+    For ``lora-spectral`` and ``adalora`` runs, ``rank`` names the budget: that of
+    uniform rank ``rank``. ``rank_pattern`` holds a ``lora-spectral`` run's
+    ``(module, rank)`` pairs (layers left out get no adapter); ``alpha`` is the alpha
+    of uniform rank ``rank`` (``lora``, ``lora-spectral``) or of AdaLoRA's initial
+    rank (``adalora``).
+    """
+
+    method: str  # one of METHODS
     seed: int
     rank: int | None = None
     alpha: float | None = None
     targets: str | None = None
+    rank_pattern: tuple[tuple[str, int], ...] | None = None
 
     @property
     def run_id(self) -> str:
-        if self.method != "lora":
+        if self.method in ("frozen", "full"):
             return f"{self.method}-s{self.seed}"
         slug = re.sub(r"[^A-Za-z0-9]+", "_", self.targets or "").strip("_")
-        return f"lora-r{self.rank}-a{self.alpha:g}-{slug}-s{self.seed}"
+        return f"{self.method}-r{self.rank}-a{self.alpha:g}-{slug}-s{self.seed}"
+
+    @property
+    def allocation(self) -> str | None:
+        """How the run's ranks were chosen: uniform, spectral, adalora (None: a baseline)."""
+        return {"lora": "uniform", "lora-spectral": "spectral", "adalora": "adalora"}.get(
+            self.method
+        )
 
 
-def plan_runs(config: SweepConfig) -> list[RunSpec]:
-    """Every run of the sweep, baselines first, in a deterministic order."""
+def plan_runs(
+    config: SweepConfig, rank_patterns: Mapping[tuple[str, int], Mapping[str, int]] | None = None
+) -> list[RunSpec]:
+    """Every run of the sweep, baselines first, in a deterministic order.
+
+    Per target set: uniform ranks, then (``allocation="spectral"``) the spectral runs,
+    then (``adalora``) the AdaLoRA runs, each by rank and seed.
+
+    Parameters
+    ----------
+    config : SweepConfig
+    rank_patterns : mapping, optional
+        ``{(targets, rank): {module: rank}}``, required with ``allocation="spectral"``:
+        what :func:`rankkit.sweep.pilot.spectral_rank_patterns` returns.
+    """
+    spectral = config.allocation == "spectral"
+    if spectral and rank_patterns is None:
+        raise ValueError(
+            "plan_runs: allocation='spectral' needs the per-layer ranks of a pilot fine-tune; "
+            "pass rank_patterns=spectral_rank_patterns(config, out_dir)."
+        )
     runs = []
     if config.baselines:
         for seed in config.seeds:
             runs.append(RunSpec("frozen", seed))
             runs.append(RunSpec("full", seed))
     for targets in config.targets:
+        alpha = {r: alpha_for_rank(config.alpha, r) for r in config.ranks}
         for rank in config.ranks:
             for seed in config.seeds:
-                runs.append(
-                    RunSpec("lora", seed, rank, alpha_for_rank(config.alpha, rank), targets)
-                )
+                runs.append(RunSpec("lora", seed, rank, alpha[rank], targets))
+        for rank in config.ranks if spectral else []:
+            pattern = tuple(rank_patterns[targets, rank].items())
+            for seed in config.seeds:
+                runs.append(RunSpec("lora-spectral", seed, rank, alpha[rank], targets, pattern))
+        for rank in config.ranks if config.adalora else []:
+            init_alpha = alpha_for_rank(config.alpha, adalora_init_rank(rank))
+            for seed in config.seeds:
+                runs.append(RunSpec("adalora", seed, rank, init_alpha, targets))
     return runs

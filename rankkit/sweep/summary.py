@@ -5,6 +5,8 @@ the frozen base, 1 means as good as full fine-tuning. :func:`rank_for_gain` read
 the smallest rank reaching 90% or 95% of the gain, :func:`rank_for_gain_interval` says
 how much that answer moves when the seeds are resampled (a bootstrap), and
 :func:`format_summary` prints both under the table of :func:`summarize`.
+:func:`compare_allocations` sets spectral ranks and AdaLoRA against uniform rank at the
+same budget, with the seed noise of the difference.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 # --------------------------------------------------------------------------- summaries
 
@@ -206,6 +209,7 @@ def format_summary(results: pd.DataFrame) -> str:
                 else "try a lower --lr"
             )
             lines.append(f"warning: LoRA scored far below the frozen base at {where}: {hint}")
+    lines += _allocation_lines(results)
     errors = results[results["status"] == "error"]
     if len(errors):
         lines.append(f"{len(errors)} run(s) failed; see the 'error' column of results.csv")
@@ -230,3 +234,105 @@ def _full_below_frozen(results: pd.DataFrame, full: float, frozen: float, metric
         f"{best:.4g} (targets {targets}, r={int(rank)}), {verdict}. Full fine-tuning may need a "
         "lower --full-lr or more --epochs."
     )
+
+
+# --------------------------------------------------------------------------- allocations
+
+#: The allocation of each LoRA method's rows (results written before the ``allocation``
+#: column existed hold uniform ``lora`` runs only).
+ALLOCATION_OF = {"lora": "uniform", "lora-spectral": "spectral", "adalora": "adalora"}
+#: Significance level of :func:`compare_allocations`' verdicts.
+ALLOCATION_LEVEL = 0.05
+
+
+def compare_allocations(results: pd.DataFrame) -> pd.DataFrame:
+    r"""Spectral ranks and AdaLoRA against uniform rank at the same budget, per target set.
+
+    A ``lora-spectral`` or ``adalora`` run at rank r spends uniform rank r's budget, so
+    each is compared with the uniform runs of the same target set and rank. With
+    :math:`n_a` and :math:`n_u` seeds, means :math:`\bar x_a, \bar x_u` and sample
+    standard deviations :math:`s_a, s_u`, the difference and its standard error are
+
+    .. math:: d = \bar x_a - \bar x_u, \qquad
+              \operatorname{se}(d) = \sqrt{s_a^2 / n_a + s_u^2 / n_u},
+
+    the runs of the two allocations being independent. The verdict is "better than
+    uniform" or "worse than uniform" when Welch's two-sided t-test rejects
+    :math:`d = 0` at :data:`ALLOCATION_LEVEL`, and "within seed noise" otherwise;
+    "same ranks as uniform" when every run of both has the same per-layer ranks (the
+    same configuration: at rank 1 of two layers, the budget often buys nothing else).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (targets, rank, allocation): ``uniform`` and ``mean`` (test metric
+        means), ``difference``, ``se``, ``z`` (= difference / se), ``p`` (Welch),
+        ``seeds`` (runs of the allocation), ``uniform_params`` and ``params`` (mean
+        ``adapter_params``), ``verdict``. Empty if there is nothing to compare.
+    """
+    ok = results[(results["status"] == "ok") & results["method"].isin(ALLOCATION_OF)]
+    ok = ok.assign(allocation=ok["method"].map(ALLOCATION_OF))
+    if "adapter_params" not in ok:
+        ok = ok.assign(adapter_params=np.nan)
+    rows = []
+    for (targets, rank), part in ok.groupby(["targets", "rank"], sort=True):
+        uniform = part[part["allocation"] == "uniform"]
+        for allocation in ("spectral", "adalora"):
+            other = part[part["allocation"] == allocation]
+            if uniform.empty or other.empty:
+                continue
+            a, u = other["test_metric"].to_numpy(float), uniform["test_metric"].to_numpy(float)
+            rows.append(dict(
+                targets=targets, rank=int(rank), allocation=allocation,
+                uniform=u.mean(), mean=a.mean(), **_difference(a, u), seeds=len(a),
+                uniform_params=uniform["adapter_params"].mean(), params=other["adapter_params"].mean(),
+            ))  # fmt: skip
+            both = pd.concat([uniform, other])
+            if "rank_pattern" in both and both["rank_pattern"].notna().all():
+                if both["rank_pattern"].nunique() == 1:
+                    rows[-1]["verdict"] = "same ranks as uniform"
+    return pd.DataFrame(rows)
+
+
+def _difference(a: np.ndarray, u: np.ndarray) -> dict[str, float | str]:
+    """``a - u``: difference, standard error, z, Welch's p and the verdict."""
+    d = float(a.mean() - u.mean())
+    if min(len(a), len(u)) < 2:
+        return dict(difference=d, se=math.nan, z=math.nan, p=math.nan,
+                    verdict="one seed, no noise estimate")  # fmt: skip
+    se = math.sqrt(a.var(ddof=1) / len(a) + u.var(ddof=1) / len(u))
+    if se == 0:
+        verdict = (
+            "identical" if d == 0 else "better than uniform" if d > 0 else "worse than uniform"
+        )
+        return dict(difference=d, se=0.0, z=math.nan, p=math.nan, verdict=verdict)
+    p = float(stats.ttest_ind(a, u, equal_var=False).pvalue)
+    verdict = (
+        "within seed noise"
+        if p >= ALLOCATION_LEVEL
+        else "better than uniform"
+        if d > 0
+        else "worse than uniform"
+    )
+    return dict(difference=d, se=se, z=d / se, p=p, verdict=verdict)
+
+
+def _allocation_lines(results: pd.DataFrame) -> list[str]:
+    """One line per (allocation, target set): the difference from uniform at each rank."""
+    table = compare_allocations(results)
+    if table.empty:
+        return []
+    lines = []
+    for (allocation, targets), part in table.groupby(["allocation", "targets"], sort=False):
+        cells = [
+            f"r={r} {d:+.3f} ± {se:.3f}" + ("" if v == "within seed noise" else f" ({v})")
+            for r, d, se, v in zip(part["rank"], part["difference"], part["se"], part["verdict"])
+        ]
+        counts = part["verdict"].value_counts()
+        noise = counts.get("within seed noise", 0)
+        lines.append(
+            f"{allocation} - uniform at the same budget, targets {targets} (mean difference ± "
+            f"s.e. over seeds): {', '.join(cells)}; within seed noise at {noise} of "
+            f"{len(part)} ranks (Welch t-test, 5%)"
+        )
+    return lines
