@@ -27,6 +27,7 @@ from rankkit.sweep import (
     format_summary,
     lora_config_for,
     plan_runs,
+    pooled_difference,
     run_sweep,
 )
 from rankkit.sweep.pilot import (
@@ -277,6 +278,23 @@ def test_the_difference_has_the_standard_error_of_two_independent_means():
     assert row["difference"] == pytest.approx(np.mean(s) - np.mean(u))
     assert row["se"] == pytest.approx(se) and row["z"] == pytest.approx(row["difference"] / se)
     assert row["verdict"] == "within seed noise"  # Welch p = 0.13
+
+
+def test_the_summary_pools_the_ranks_where_the_allocation_differs():
+    at4 = results_table([0.90, 0.92, 0.94], [0.93, 0.96, 0.96])
+    at8 = results_table([0.95, 0.95, 0.96], [0.94, 0.95, 0.95]).assign(rank=8)
+    same = results_table([0.9, 0.91, 0.9], [0.9, 0.91, 0.9], ("fc1:1 fc2:1",) * 2).assign(rank=1)
+    results = pd.concat([at4, at8, same]).assign(
+        run_id=range(18), metric="accuracy", trainable_params=0, trainable_fraction=0.0
+    )
+    table = compare_allocations(results)
+    d = [np.mean(s) - np.mean(u) for u, s in ([[0.90, 0.92, 0.94], [0.93, 0.96, 0.96]],
+                                              [[0.95, 0.95, 0.96], [0.94, 0.95, 0.95]])]  # fmt: skip
+    se = math.sqrt(sum(table.loc[table["rank"] > 1, "se"] ** 2)) / 2
+    assert pooled_difference(table[table["rank"] > 1]) == pytest.approx((np.mean(d), se))
+    assert f"mean over the 2 ranks it allocates differently: {np.mean(d):+.3f} ± {se:.3f}" in (
+        format_summary(results)
+    )
 
 
 @pytest.mark.parametrize(

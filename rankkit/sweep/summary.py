@@ -330,9 +330,23 @@ def _allocation_lines(results: pd.DataFrame) -> list[str]:
         ]
         counts = part["verdict"].value_counts()
         noise = counts.get("within seed noise", 0)
-        lines.append(
+        line = (
             f"{allocation} - uniform at the same budget, targets {targets} (mean difference ± "
             f"s.e. over seeds): {', '.join(cells)}; within seed noise at {noise} of "
             f"{len(part)} ranks (Welch t-test, 5%)"
         )
+        differ = part[part["verdict"] != "same ranks as uniform"]
+        if len(differ) > 1 and differ["se"].notna().all():
+            mean, se = pooled_difference(differ)
+            line += f"; mean over the {len(differ)} ranks it allocates differently: {mean:+.3f} ± {se:.3f}"
+        lines.append(line)
     return lines
+
+
+def pooled_difference(table: pd.DataFrame) -> tuple[float, float]:
+    r"""The mean of k rows' differences and its standard error, :math:`\sqrt{\sum se^2} / k`.
+
+    ``table`` holds rows of :func:`compare_allocations` (independent runs at each rank).
+    """
+    k = len(table)
+    return float(table["difference"].mean()), math.sqrt(float((table["se"] ** 2).sum())) / k
