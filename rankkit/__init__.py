@@ -16,7 +16,8 @@ all of its weights? rankkit answers with measurements you can run on a laptop:
   :func:`prepare_run`, and :func:`finetune` to checkpoints.
 * :mod:`rankkit.intrinsic` -- random-subspace training θ = θ₀ + P θ_d.
 * :mod:`rankkit.sweep` and :mod:`rankkit.batched` -- LoRA rank sweeps with baselines,
-  several runs trained at once where that is faster.
+  several runs trained at once where that is faster; per-layer ranks from a pilot's
+  spectra, and :mod:`rankkit.adalora` (PEFT's AdaLoRA) at the same budget.
 * :mod:`rankkit.plots` -- figures that return matplotlib objects.
 
 Everything public is re-exported here, so ``import rankkit`` is all a notebook
@@ -87,11 +88,13 @@ from rankkit.projections import fwht, make_projection
 # isort: split
 from rankkit.methods import METHODS, PreparedRun, finetune, prepare_run
 
-# Sweeps and batched training
+# Sweeps, batched training and AdaLoRA
 # isort: split
+from rankkit.adalora import fit_adalora
 from rankkit.batched import MultiLinear, MultiLoRALinear, fit_batched
 from rankkit.sweep import (
     SweepConfig,
+    compare_allocations,
     load_results,
     rank_for_gain,
     rank_for_gain_interval,
