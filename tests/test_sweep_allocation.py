@@ -9,6 +9,8 @@ import dataclasses
 import importlib.util
 import json
 import math
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -36,7 +38,7 @@ from rankkit.sweep.pilot import (
     rank_patterns,
     spectral_rank_patterns,
 )
-from rankkit.sweep.store import claim_directory
+from rankkit.sweep.store import Claims, claim_directory
 from rankkit.tasks import get_task
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
@@ -152,6 +154,31 @@ def test_the_sweep_reuses_a_pilot_with_its_recipe_and_allocates_from_its_spectra
     pilot_finetune(dataclasses.replace(config, epochs=2), tmp_path, log=lines.append)
     assert "pilot full fine-tune" in lines[-1]
     assert json.loads((directory / "metrics.json").read_text())["hparams"]["epochs"] == 2
+
+
+def test_a_second_process_waits_for_the_pilot_and_then_reuses_it(tmp_path):
+    config = SweepConfig(seeds=[0], epochs=1, allocation="spectral", out=str(tmp_path)).validated()
+    pilot_finetune(config, tmp_path, log=lambda _: None)
+    other = Claims(tmp_path)  # another process fine-tuning the pilot: it holds the claim
+    assert other.try_claim("pilot") is not None
+    lines = []
+    waiting = threading.Thread(
+        target=pilot_finetune, args=(config, tmp_path), kwargs={"log": lines.append, "poll_s": 0.02}
+    )
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive() and lines == [f"waiting for {other.holder('pilot')} to fine-tune "
+                                            f"the pilot in {tmp_path / 'pilot'}"]  # fmt: skip
+    other.release("pilot", done=True)
+    waiting.join(timeout=30)
+    assert "reusing the pilot" in lines[-1]
+
+
+def test_allocation_and_adalora_are_toml_keys(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text('[sweep]\nallocation = "spectral"\nadalora = true\n')
+    config = SweepConfig.from_toml(path)
+    assert (config.allocation, config.adalora) == ("spectral", True)
 
 
 def test_adding_allocation_to_a_folder_written_without_the_key_resumes_it(tmp_path):
@@ -374,4 +401,10 @@ def test_adalora_without_peft_names_the_extra(monkeypatch):
 def test_the_command_line_reports_a_misspelt_allocation(capsys, tmp_path):
     assert main(["sweep", "--allocation", "spectrl", "--out", str(tmp_path / "x")]) == 1
     assert "did you mean 'spectral'" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
+    out = ["--out", str(tmp_path / "x")]
+    assert main(["sweep", "--allocation", "spectral", "--targets", "fc1", *out]) == 1
+    assert "adapt one layer (fc1)" in capsys.readouterr().err
+    if HAS_PEFT:
+        assert main(["sweep", "--adalora", "--ranks", "64", *out]) == 1
+        assert "AdaLoRA starts rank(s) [64] at [96]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
