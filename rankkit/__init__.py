@@ -19,6 +19,8 @@ all of its weights? rankkit answers with measurements you can run on a laptop:
   several runs trained at once where that is faster; per-layer ranks from a pilot's
   spectra, and :mod:`rankkit.adalora` (PEFT's AdaLoRA) at the same budget.
 * :mod:`rankkit.plots` -- figures that return matplotlib objects.
+* :mod:`rankkit.stats` -- one rule for comparing two measured numbers: the standard
+  error of a difference, Welch's and the paired t-test over seeds, and a verdict.
 
 Everything public is re-exported here, so ``import rankkit`` is all a notebook
 needs.
@@ -40,6 +42,16 @@ from rankkit.spectra import (
     singular_values,
     subspace_similarity,
     subspace_similarity_grid,
+)
+
+# Comparing two measured numbers
+# isort: split
+from rankkit.stats import (
+    Comparison,
+    binomial_se,
+    compare_accuracies,
+    compare_seeds,
+    difference,
 )
 
 # Tasks and the training loop

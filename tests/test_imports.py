@@ -3,7 +3,7 @@
 The layers, lowest first (a module may import its own layer's package and
 anything below it, never above)::
 
-    checkpoints, devices, utils            shared helpers
+    checkpoints, devices, stats, utils     shared helpers
     adapters                               PEFT adapter folders (checkpoints)
     spectra, lora, projections, allocation measurements, adapters, rank budgets
     reports                                ΔW of two checkpoints, layer by layer
@@ -30,7 +30,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "rankkit"
 
 LAYERS = [
-    ["rankkit.checkpoints", "rankkit.devices", "rankkit.utils"],
+    ["rankkit.checkpoints", "rankkit.devices", "rankkit.stats", "rankkit.utils"],
     ["rankkit.adapters"],
     ["rankkit.spectra", "rankkit.lora", "rankkit.projections", "rankkit.allocation"],
     ["rankkit.reports"],

@@ -15,7 +15,8 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+
+from rankkit.stats import bootstrap_means, compare_seeds, mean_difference
 
 # --------------------------------------------------------------------------- summaries
 
@@ -131,7 +132,7 @@ def rank_for_gain_interval(
     rng = np.random.default_rng(seed)
 
     def resampled_means(values: np.ndarray) -> np.ndarray:
-        return values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+        return bootstrap_means(values, n_boot, rng)
 
     full_b, frozen_b = resampled_means(full), resampled_means(frozen)
     ranks = sorted(by_rank)
@@ -295,26 +296,17 @@ def compare_allocations(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def _difference(a: np.ndarray, u: np.ndarray) -> dict[str, float | str]:
-    """``a - u``: difference, standard error, z, Welch's p and the verdict."""
-    d = float(a.mean() - u.mean())
-    if min(len(a), len(u)) < 2:
-        return dict(difference=d, se=math.nan, z=math.nan, p=math.nan,
-                    verdict="one seed, no noise estimate")  # fmt: skip
-    se = math.sqrt(a.var(ddof=1) / len(a) + u.var(ddof=1) / len(u))
-    if se == 0:
-        verdict = (
-            "identical" if d == 0 else "better than uniform" if d > 0 else "worse than uniform"
-        )
-        return dict(difference=d, se=0.0, z=math.nan, p=math.nan, verdict=verdict)
-    p = float(stats.ttest_ind(a, u, equal_var=False).pvalue)
-    verdict = (
-        "within seed noise"
-        if p >= ALLOCATION_LEVEL
-        else "better than uniform"
-        if d > 0
-        else "worse than uniform"
-    )
-    return dict(difference=d, se=se, z=d / se, p=p, verdict=verdict)
+    """``a - u``: difference, standard error, t, Welch's p and the verdict (:mod:`rankkit.stats`)."""
+    c = compare_seeds(a, u, level=ALLOCATION_LEVEL)
+    verdict = {
+        "no noise estimate": "one seed, no noise estimate",
+        "within noise": "within seed noise",
+        "higher": "better than uniform",
+        "lower": "worse than uniform",
+    }[c.verdict]
+    if c.se == 0 and c.difference == 0:
+        verdict = "identical"
+    return dict(difference=c.difference, se=c.se, z=c.statistic, p=c.p, verdict=verdict)
 
 
 def _allocation_lines(results: pd.DataFrame) -> list[str]:
@@ -346,7 +338,7 @@ def _allocation_lines(results: pd.DataFrame) -> list[str]:
 def pooled_difference(table: pd.DataFrame) -> tuple[float, float]:
     r"""The mean of k rows' differences and its standard error, :math:`\sqrt{\sum se^2} / k`.
 
-    ``table`` holds rows of :func:`compare_allocations` (independent runs at each rank).
+    ``table`` holds rows of :func:`compare_allocations` (independent runs at each rank);
+    the arithmetic is :func:`rankkit.stats.mean_difference`.
     """
-    k = len(table)
-    return float(table["difference"].mean()), math.sqrt(float((table["se"] ** 2).sum())) / k
+    return mean_difference(table["difference"], table["se"])
