@@ -219,6 +219,9 @@ def test_a_tiny_spectral_sweep_on_digits_records_both_allocations(tmp_path):
             m: saved["rank_pattern"].get(m, saved["r"]) for m in saved["target_modules"]
         }
     assert (uniform["adapter_params"] == uniform["rank"] * UNIT).all()
+    written = (tmp_path / "results.csv").read_text().splitlines()
+    column = written[0].split(",").index("adapter_params")
+    assert all("." not in line.split(",")[column] for line in written[1:])  # counts, not floats
     table = compare_allocations(result.results)
     assert set(table["allocation"]) == ({"spectral", "adalora"} if HAS_PEFT else {"spectral"})
     text = format_summary(result.results)

@@ -47,7 +47,7 @@ RESULT_COLUMNS = [
 
 # Integer columns that may be missing in some rows (baselines have no rank, error rows no
 # parameter counts); written as integers (1, not 1.0) with empty cells for missing values.
-_INTEGER_COLUMNS = ("rank", "seed", "trainable_params", "total_params")
+_INTEGER_COLUMNS = ("rank", "seed", "trainable_params", "total_params", "adapter_params")
 
 
 def _clean(value: Any) -> Any:
