@@ -6,7 +6,13 @@ Fast checks, on the stored files:
 * each is stored with its outputs stripped (reviewable diffs);
 * each has the quick switch ``QUICK = os.environ.get("RANKKIT_QUICK", "0") == "1"`` in its
   first code cell, and a "Check your understanding" section followed by code;
-* none calls a private rankkit helper (a name starting with an underscore).
+* none calls a private rankkit helper (a name starting with an underscore);
+* the cell that answers "Check your understanding" asserts what it prints (at least one
+  ``assert`` statement), so an answer that stops being true fails the run instead of
+  being printed; the quick-mode runs below execute those asserts, and claims that only
+  full mode's numbers support are asserted as ``assert QUICK or <claim>``;
+* no notebook re-spells the standard error of an accuracy: comparisons go through
+  :mod:`rankkit.stats` (one rule for the noise of a difference).
 
 Slow checks (marked ``slow``, still run in CI), which need the ``notebooks`` extra:
 
@@ -18,6 +24,7 @@ Slow checks (marked ``slow``, still run in CI), which need the ``notebooks`` ext
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -90,6 +97,60 @@ def test_check_your_understanding_section(path):
     assert len(questions) >= 3, f"{path.name}: fewer than 3 numbered questions"
     assert any(c["cell_type"] == "code" for c in cells[heading[-1] + 1 :]), (
         f"{path.name}: the questions should be followed by a cell that computes the answers"
+    )
+
+
+def _answer_cell(cells: list[dict]) -> dict:
+    """The first code cell after the last "Check your understanding" heading."""
+    heading = max(
+        i
+        for i, c in enumerate(cells)
+        if c["cell_type"] == "markdown"
+        and re.search(r"^#+\s*Check your understanding", _source(c), re.M | re.I)
+    )
+    return next(c for c in cells[heading + 1 :] if c["cell_type"] == "code")
+
+
+def _asserts(source: str) -> int:
+    """Number of ``assert`` statements in a code cell (IPython magics are left out)."""
+    code = "\n".join(
+        line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))
+    )
+    return sum(isinstance(node, ast.Assert) for node in ast.walk(ast.parse(code)))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_answers_assert_what_they_print(path):
+    answers = _source(_answer_cell(_cells(path)))
+    assert _asserts(answers) >= 1, (
+        f"{path.name}: the 'Check your understanding' answer cell prints claims without asserting "
+        "any; compute each verdict from an inequality and assert it (assert QUICK or ... for "
+        "claims that only full mode's numbers support)"
+    )
+
+
+def test_the_assert_guard_finds_asserts_and_only_asserts():
+    assert _asserts("x = 1\nif x:\n    assert x == 1, 'x'\nprint('assert')") == 1
+    assert _asserts("print('assert x')\n# assert y") == 0
+    cells = [
+        {"cell_type": "markdown", "source": "## Check your understanding\n1. a"},
+        {"cell_type": "code", "source": "print(1)"},
+    ]
+    assert _source(_answer_cell(cells)) == "print(1)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_standard_errors_come_from_rankkit_stats(path):
+    # sqrt(p * (1 - p) / n) written out by hand, instead of rankkit.binomial_se / compare_accuracies
+    respelled = re.compile(r"sqrt\(\s*[\w\[\]\"' .]+\*\s*\(\s*1\s*-")
+    hits = [
+        m.group(0)
+        for c in _cells(path)
+        if c["cell_type"] == "code"
+        for m in respelled.finditer(_source(c))
+    ]
+    assert not hits, (
+        f"{path.name}: use rankkit.binomial_se / rankkit.compare_accuracies, not {hits}"
     )
 
 
