@@ -309,6 +309,15 @@ class Task:
         Fine-tuning defaults read by :func:`rankkit.train.fit` (``epochs``, ``lr``,
         ``batch_size``, ``weight_decay``, ``schedule``, ``warmup``), plus ``head_lr``:
         the learning rate of the frozen-base baseline (only the head trains).
+    data_source : str, optional
+        Where the data comes from, for tasks whose data ships in a package (``digits``);
+        ``python -m rankkit freeze-data NAME`` records the SHA-256 of its splits.
+    data_from : str, optional
+        The task whose frozen data this one reads (``minilm`` reads ``topics``').
+
+    A task whose data is built from text shipped with Python also defines
+    ``freeze_data()``, which writes ``data/<name>-data.json.gz`` (:func:`save_frozen_data`);
+    its splits are then read from that file only, the same on every Python.
     """
 
     name: str = ""
