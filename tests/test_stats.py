@@ -150,3 +150,28 @@ def test_bootstrap_means_resample_the_observed_seeds():
 def test_bad_input_gets_one_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def _sweep(full, frozen, lora):
+    """A sweep's results table by hand: one row per seed of each configuration."""
+    import pandas as pd
+
+    rows = [("full", None, v) for v in full] + [("frozen", None, v) for v in frozen]
+    rows += [("lora", r, v) for r, vs in lora.items() for v in vs]
+    frame = pd.DataFrame(rows, columns=["method", "rank", "test_metric"])
+    frame["targets"] = frame["method"].map(lambda m: "q,v" if m == "lora" else None)
+    frame["status"], frame["metric"], frame["alpha"] = "ok", "accuracy", frame["rank"]
+    frame["trainable_params"] = frame["trainable_fraction"] = 1.0
+    frame["run_id"] = [f"run{i}" for i in range(len(frame))]
+    return frame
+
+
+def test_the_sweep_summary_warns_when_the_gain_is_within_seed_noise():
+    from rankkit.sweep import format_summary
+
+    # full - frozen = +0.02 with seed spreads of 0.05: Welch's p is far above 5%.
+    noisy = _sweep([0.55, 0.60, 0.65], [0.50, 0.58, 0.66], {1: [0.6, 0.6, 0.6]})
+    assert compare_seeds([0.55, 0.60, 0.65], [0.50, 0.58, 0.66]).verdict == "within noise"
+    assert "within seed noise (Welch t-test, 5%)" in format_summary(noisy)
+    clear = _sweep([0.90, 0.91, 0.92], [0.50, 0.51, 0.52], {1: [0.8, 0.8, 0.8]})
+    assert "warning" not in format_summary(clear)

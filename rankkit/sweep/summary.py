@@ -177,6 +177,8 @@ def format_summary(results: pd.DataFrame) -> str:
     if not missing and len(lora_targets) and full <= frozen:
         lines.append(_full_below_frozen(results, full, frozen, metric))
         lora_targets = []
+    elif not missing and len(lora_targets):
+        lines += _unresolved_gain(results)
     for targets in lora_targets:
         parts = []
         for fraction in (0.9, 0.95):
@@ -215,6 +217,22 @@ def format_summary(results: pd.DataFrame) -> str:
     if len(errors):
         lines.append(f"{len(errors)} run(s) failed; see the 'error' column of results.csv")
     return "\n".join(lines)
+
+
+def _unresolved_gain(results: pd.DataFrame) -> list[str]:
+    """A warning when full fine-tuning's lead over the frozen base is within seed noise."""
+    ok = results[results["status"] == "ok"]
+    c = compare_seeds(
+        ok.loc[ok["method"] == "full", "test_metric"],
+        ok.loc[ok["method"] == "frozen", "test_metric"],
+    )
+    if c.verdict != "within noise":
+        return []
+    return [
+        f"warning: full fine-tuning - frozen base = {c.difference:+.4g} ± {c.se:.2g} is within "
+        "seed noise (Welch t-test, 5%): the gain divides by a difference the seeds do not "
+        "resolve, so the ranks reaching 90%/95% of it are not resolved either"
+    ]
 
 
 def _full_below_frozen(results: pd.DataFrame, full: float, frozen: float, metric: str) -> str:
