@@ -540,7 +540,7 @@ def _cmd_pretrain(args) -> int:
             args.task, seed=args.seed, directory=args.out, progress=not args.quiet,
             device=args.device, threads=args.threads,
         )  # fmt: skip
-    except ImportError as err:
+    except (ImportError, PermissionError) as err:
         raise SystemExit(f"error: {err}") from None
     directory = args.out or data_dir()
     print(f"wrote {directory}/{entry['file']} (sha256 {entry['sha256'][:16]}..., "
@@ -568,7 +568,7 @@ def _register_freeze_data(subparsers) -> None:
 def _cmd_freeze_data(args) -> int:
     try:
         entry = freeze_data(args.task)
-    except ValueError as err:
+    except (ValueError, PermissionError) as err:
         raise SystemExit(f"error: {err}") from None
     if "file" in entry:
         print(f"wrote {data_dir()}/{entry['file']} (sha256 {entry['sha256'][:16]}..., "

@@ -96,6 +96,13 @@ def test_a_wheel_installed_without_the_source_tree_runs_the_default_sweep(tmp_pa
     where, data = _run([sys.executable, "-c", check], cwd=elsewhere, env=env).split()
     assert Path(where) == site / "rankkit" / "__init__.py"
     assert Path(data) == site / "rankkit" / "data"
+    # The installed copy is read, never rewritten in place.
+    refused = subprocess.run(
+        [sys.executable, "-m", "rankkit", "pretrain", "digits", "--quiet"],
+        cwd=elsewhere, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "RANKKIT_DATA_DIR" in refused.stderr
+    assert "Traceback" not in refused.stderr
     override = _run(
         [sys.executable, "-c", "import rankkit.tasks as t; print(t.data_dir())"],
         cwd=elsewhere, env={**env, "RANKKIT_DATA_DIR": str(tmp_path)},

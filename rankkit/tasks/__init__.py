@@ -45,6 +45,7 @@ from rankkit.tasks.base import (
     rebuild_command,
     save_base_weights,
     splits_sha256,
+    writable_data_dir,
     write_manifest_entry,
 )
 from rankkit.tasks.digits import DigitsTask
@@ -158,6 +159,7 @@ def freeze_data(name: str) -> dict[str, Any]:
     package (``digits``: scikit-learn's bundled images) records the SHA-256 of its
     splits only. Either way ``python -m rankkit tasks`` re-computes that checksum.
     """
+    writable_data_dir()
     task = get_task(name)
     if hasattr(task, "freeze_data"):
         return task.freeze_data()
@@ -199,6 +201,7 @@ def pretrain_base(
     ``threads`` sets ``torch.set_num_threads`` for the run (CPU results can differ
     in the last bits between thread counts, so it is part of the recorded command).
     """
+    directory = writable_data_dir(directory)  # refused before, not after, the training
     task = get_task(name)
     if not hasattr(task, "pretrain"):
         raise ValueError(

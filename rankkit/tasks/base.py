@@ -63,6 +63,26 @@ def data_dir() -> Path:
     return installed if (installed / MANIFEST).exists() else package.parent / "data"
 
 
+def writable_data_dir(directory: str | os.PathLike | None = None) -> Path:
+    """Where ``pretrain`` / ``freeze-data`` may write: ``directory``, or :func:`data_dir`.
+
+    Refuses the copy inside an installed package (a wheel or ``pip install .``):
+    rewriting files there would silently change an installation other projects may
+    share, and a reinstall would undo it.
+    """
+    if directory is not None:
+        return Path(directory)
+    default = data_dir()
+    installed = default.parent == Path(__file__).resolve().parents[1]  # rankkit/data/
+    if installed and not os.environ.get("RANKKIT_DATA_DIR"):
+        raise PermissionError(
+            f"rankkit is installed as a package, so its data folder ({default}) is not "
+            "rewritten in place. Copy it to a folder of your own and set RANKKIT_DATA_DIR to "
+            "that folder (pretrain also takes --out DIR); rankkit then reads and writes there."
+        )
+    return default
+
+
 def read_manifest(directory: str | os.PathLike | None = None) -> dict[str, Any]:
     """The manifest of base weights as a dict (empty if there is none yet)."""
     path = Path(directory or data_dir()) / MANIFEST
@@ -81,7 +101,7 @@ def write_manifest_entry(
     name: str, entry: Mapping[str, Any], directory: str | os.PathLike | None = None
 ) -> Path:
     """Set ``manifest[name] = entry`` (atomically; the other entries are kept)."""
-    directory = Path(directory or data_dir())
+    directory = writable_data_dir(directory)
     manifest = read_manifest(directory)
     manifest[name] = dict(entry)
     path = directory / MANIFEST
@@ -157,7 +177,7 @@ def save_frozen_data(
     file's SHA-256 (checked before every read), the SHA-256 of the JSON text, the
     command that rebuilt it, and ``fields`` (where the data came from).
     """
-    directory = Path(directory or data_dir())
+    directory = writable_data_dir(directory)
     text = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     path = directory / f"{frozen_data_key(name)}.json.gz"
     # mtime=0: the gzip header otherwise holds the time, and the checksum with it.
@@ -266,7 +286,7 @@ def save_base_weights(
     metadata instead of the manifest, where the checksum covers it; read it back
     with :func:`base_metadata`.
     """
-    directory = Path(directory or data_dir())
+    directory = writable_data_dir(directory)
     path = directory / f"{name}.safetensors"
     entry = dict(entry)
     extra = {"task": name, "config": entry["config"], **entry.pop("metadata", {})}
