@@ -280,7 +280,11 @@ def _register_sweep(subparsers) -> None:
         "--targets", nargs="+", metavar="SET",
         help="target sets to compare, each comma-separated roles ('q,v') or 'all-linear'",
     )  # fmt: skip
-    p.add_argument("--alpha", help="lora_alpha: a number, 'r' (= rank, default) or e.g. '2r'")
+    p.add_argument(
+        "--alpha",
+        help="lora_alpha rule: 'sqrt(r)' (scale 1/sqrt(r), default), 'r' (scale 1), a number "
+        "(e.g. 8, PEFT's default) or a multiple such as '2r'",
+    )
     p.add_argument("--rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the task's)")
     p.add_argument("--lr", type=float, help="LoRA learning rate (default: the task's)")

@@ -484,5 +484,5 @@ def test_a_run_failing_after_batched_training_is_recorded_and_the_others_finish(
     monkeypatch.setattr("rankkit.sweep.save_adapter", real)
     # Resuming retries only the failed run (alone: a batch needs two runs).
     again = run_sweep(config, progress=False, plot=False, log=lambda _: None)
-    assert again.ran == ["lora-r2-a2-all_linear-s0"]
+    assert again.ran == ["lora-r2-a1.41421-all_linear-s0"]
     assert (again.results["status"] == "ok").all()

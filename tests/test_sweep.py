@@ -59,7 +59,7 @@ def test_tiny_sweep_through_the_cli(tmp_path):
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns[: len(RESULT_COLUMNS)]) == RESULT_COLUMNS
     assert sorted(results["run_id"]) == sorted(
-        ["frozen-s0", "full-s0", "lora-r1-a1-all_linear-s0", "lora-r4-a4-all_linear-s0"]
+        ["frozen-s0", "full-s0", "lora-r1-a1-all_linear-s0", "lora-r4-a2-all_linear-s0"]
     )
     assert (results["status"] == "ok").all()
     lora = results[results["method"] == "lora"].set_index("rank")
@@ -230,7 +230,12 @@ def test_plan_alpha_and_rank_for_gain():
         alpha_for_rank("r", 8) == 8
         and alpha_for_rank("2r", 8) == 16
         and alpha_for_rank(16, 8) == 16
+        and alpha_for_rank("sqrt(r)", 16) == 4  # scale alpha / r = 1 / sqrt(r)
+        and alpha_for_rank("2sqrt(r)", 4) == 4
+        and alpha_for_rank("sqrt(r)", 1) == alpha_for_rank("r", 1)
     )
+    with pytest.raises(ValueError, match="'sqrt\\(r\\)'"):
+        alpha_for_rank("sqrt(x)", 4)
     results = pd.DataFrame(
         [
             {"method": "frozen", "test_metric": 0.5, "status": "ok", "rank": None, "targets": None},

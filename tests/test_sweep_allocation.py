@@ -119,7 +119,8 @@ def test_a_spectral_run_trains_exactly_its_rank_pattern_within_the_budget():
     model = prepare_run(task, "lora", 0, lora_config=lora_config_for(spec, config, task)).model
     layers = lora_layers(model)
     assert {n: m.r for n, m in layers.items()} == {"fc2": 6}  # fc1 gets no adapter
-    assert {n: m.scaling for n, m in layers.items()} == {"fc2": 1.0}  # alpha = r, per layer
+    # The sweep's alpha rule at the layer's own rank: sqrt(6) / 6 = 1 / sqrt(6).
+    assert layers["fc2"].scaling == pytest.approx(6**-0.5)
     adapter = sum(m.lora_A.numel() + m.lora_B.numel() for m in layers.values())
     assert adapter == 6 * 512 <= 4 * UNIT
 

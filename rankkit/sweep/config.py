@@ -55,7 +55,10 @@ class SweepConfig:
         Target sets to compare, each a comma-separated list of roles or module-name
         suffixes (``"q,v"``) or ``"all-linear"``.
     alpha : float or str
-        ``lora_alpha``: a number, ``"r"`` (alpha = r, scaling 1) or ``"2r"``-style multiples.
+        ``lora_alpha`` rule (:func:`alpha_for_rank`): a number, ``"r"`` (scale 1),
+        ``"sqrt(r)"`` (scale 1/sqrt(r), the default) or multiples such as ``"2r"``. The
+        default keeps every rank of the grid training on every built-in task, where
+        ``"r"`` lets adapters of rank 32-64 diverge on ``topics`` (``docs/sweeps.md``).
     rslora : bool
         Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023).
     epochs, lr, full_lr : optional
@@ -93,7 +96,7 @@ class SweepConfig:
     ranks: list[int] = dataclasses.field(default_factory=lambda: list(DEFAULT_RANKS))
     seeds: list[int] = dataclasses.field(default_factory=lambda: list(DEFAULT_SEEDS))
     targets: list[str] = dataclasses.field(default_factory=lambda: ["all-linear"])
-    alpha: float | str = "r"
+    alpha: float | str = "sqrt(r)"
     rslora: bool = False
     epochs: int | None = None
     lr: float | None = None
@@ -252,24 +255,33 @@ def _normalise_targets(spec: Any) -> str:
 
 
 def alpha_for_rank(alpha: float | str, rank: int) -> float:
-    """``lora_alpha`` for a rank: a fixed number, ``"r"`` (= rank) or ``"<k>r"`` (= k * rank)."""
+    """``lora_alpha`` for a rank: a number, ``"r"``, ``"sqrt(r)"``, or a multiple (``"2r"``).
+
+    The scale of a LoRA update is ``s = alpha / r``:
+
+    * a fixed number (PEFT's default 8; the LoRA paper fixes alpha to the first r it
+      tries): ``s = alpha / r`` shrinks as the rank grows;
+    * ``"r"``: ``s = 1`` at every rank;
+    * ``"sqrt(r)"``: ``s = 1 / sqrt(r)``, rsLoRA's scaling (Kalajdzievski 2023), so
+      the update's size does not grow with the rank; at r = 1 it equals ``"r"``.
+    """
     if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha}.")
         return float(alpha)
     text = str(alpha).strip().replace(" ", "")
-    match = re.fullmatch(r"(\d*\.?\d*)\*?r", text)
+    match = re.fullmatch(r"(\d*\.?\d*)\*?(r|sqrt\(r\))", text)
     if match:
         factor = float(match.group(1)) if match.group(1) else 1.0
         if factor <= 0:
             raise ValueError(f"alpha {alpha!r}: the multiple of r must be positive.")
-        return factor * rank
+        return factor * (rank if match.group(2) == "r" else math.sqrt(rank))
     try:
         return alpha_for_rank(float(text), rank)
     except ValueError as err:
         raise ValueError(
-            f"alpha must be a positive number, 'r' (alpha = rank) or a multiple such as '2r'; "
-            f"got {alpha!r}."
+            "alpha must be a positive number, 'r' (alpha = rank), 'sqrt(r)' (rsLoRA's "
+            f"scale 1/sqrt(r)) or a multiple such as '2r'; got {alpha!r}."
         ) from err
 
 
