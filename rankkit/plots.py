@@ -186,7 +186,7 @@ def _reference_lines(ax, ok: pd.DataFrame) -> None:
                 ax.axhspan(values.min(), values.max(), color=color, alpha=0.08, lw=0)
 
 
-def plot_rank_tradeoff(results: pd.DataFrame) -> Figure:
+def plot_rank_tradeoff(results: pd.DataFrame, rslora: bool = False) -> Figure:
     """Test metric against LoRA rank (log2 axis), mean and min–max over seeds.
 
     One line per target set; horizontal references for full fine-tuning and the frozen
@@ -198,6 +198,8 @@ def plot_rank_tradeoff(results: pd.DataFrame) -> Figure:
     ----------
     results : DataFrame
         ``results.csv`` of a sweep (:func:`rankkit.sweep.load_results`).
+    rslora : bool
+        The sweep scaled by alpha / sqrt(r) (its ``config.json``); the title says so.
     """
     ok, metric = _sweep_groups(results)
     lora = ok[ok["method"] == "lora"]
@@ -226,7 +228,7 @@ def plot_rank_tradeoff(results: pd.DataFrame) -> Figure:
     ax.set_ylabel(f"test {metric}")
     seeds = ok["seed"].nunique()
     ax.set_title(
-        f"{ok['task'].iloc[0]}: quality vs LoRA rank{_alpha_note(lora)} "
+        f"{ok['task'].iloc[0]}: quality vs LoRA rank{_alpha_note(lora, rslora)} "
         f"(mean, min–max over {seeds} seeds)",
         fontsize=10,
     )
@@ -236,15 +238,19 @@ def plot_rank_tradeoff(results: pd.DataFrame) -> Figure:
     return fig
 
 
-def _alpha_note(lora: pd.DataFrame) -> str:
-    """``", lora_alpha = r"`` or ``", lora_alpha = 8"`` when the sweep used one rule."""
+def _alpha_note(lora: pd.DataFrame, rslora: bool = False) -> str:
+    """``", lora_alpha = sqrt(r)"``, ``", lora_alpha = 8"``... when the sweep used one rule."""
     if "alpha" not in lora or lora["alpha"].isna().any() or lora.empty:
         return ""
     if (lora["alpha"] == lora["rank"]).all():
-        return ", lora_alpha = r"
-    if lora["alpha"].nunique() == 1:
-        return f", lora_alpha = {lora['alpha'].iloc[0]:g}"
-    return ""
+        rule = "r"
+    elif np.allclose(lora["alpha"], np.sqrt(lora["rank"].astype(float))):
+        rule = "sqrt(r)"
+    elif lora["alpha"].nunique() == 1:
+        rule = f"{lora['alpha'].iloc[0]:g}"
+    else:
+        return ""
+    return f", lora_alpha = {rule}" + (", rsLoRA scale alpha/√r" if rslora else "")
 
 
 def _params_formula(ranks, params) -> str:

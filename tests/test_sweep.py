@@ -297,6 +297,29 @@ def test_rank_plot_legend_states_the_exact_parameter_count_formula():
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "LoRA on q: 64·r + 100 params" in labels
     assert "LoRA on q,v: 128·r + 100 params" in labels
+    assert "lora_alpha" not in fig.axes[0].get_title()  # no alpha recorded: nothing claimed
+
+
+@pytest.mark.parametrize(
+    ("alpha_of_rank", "rslora", "note"),
+    [
+        (lambda r: r, False, ", lora_alpha = r"),
+        (lambda r: r**0.5, False, ", lora_alpha = sqrt(r)"),
+        (lambda r: 8.0, False, ", lora_alpha = 8"),
+        (lambda r: 1.0, True, ", lora_alpha = 1, rsLoRA scale alpha/√r"),
+        (lambda r: 2.0 * r if r > 1 else 5.0, False, ""),  # no single rule
+    ],
+)
+def test_rank_plot_title_names_the_alpha_rule(alpha_of_rank, rslora, note):
+    from rankkit.plots import plot_rank_tradeoff
+
+    rows = [
+        {"task": "t", "method": "lora", "rank": r, "alpha": alpha_of_rank(r), "targets": "q",
+         "seed": 0, "test_metric": 0.5, "trainable_params": 64 * r, "status": "ok"}
+        for r in (1, 4, 16)
+    ]  # fmt: skip
+    title = plot_rank_tradeoff(pd.DataFrame(rows), rslora=rslora).axes[0].get_title()
+    assert title.startswith(f"t: quality vs LoRA rank{note} (")
 
 
 def test_summary_warns_when_lora_collapses_far_below_the_frozen_base():

@@ -686,9 +686,11 @@ def write_sweep_figures(directory: str | os.PathLike) -> list[Path]:
     # compared with uniform ranks in the summary (compare_allocations).
     results = results[results["method"].isin(("frozen", "full", "lora"))]
     d90 = _intrinsic_dimension(directory)
+    config = directory / "config.json"
+    rslora = config.exists() and bool(json.loads(config.read_text()).get("rslora"))
     written = []
     for stem, fig in (
-        ("rank_vs_quality", plot_rank_tradeoff(results)),
+        ("rank_vs_quality", plot_rank_tradeoff(results, rslora=rslora)),
         ("params_vs_quality", plot_params_tradeoff(results, d90=d90)),
     ):
         for ext in ("png", "svg"):
