@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -325,6 +327,42 @@ def test_topics_task_is_read_from_the_frozen_copy_not_the_interpreter(monkeypatc
     finally:
         for cached in (topic_data, _topic_splits, _corpus_vocabulary):
             cached.cache_clear()
+
+
+def _other_pythons() -> list[str]:
+    """Interpreters 3.10-3.13 on this machine (pyenv's, Debian's), for torch-free checks."""
+    import glob
+
+    found = {shutil.which(f"python3.{minor}") for minor in (10, 11, 12, 13)}
+    found |= set(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[0-3].*/bin/python3")))
+    found |= {"/usr/bin/python3"} if os.path.exists("/usr/bin/python3") else set()
+    return sorted(p for p in found if p)
+
+
+READ_FROZEN = """
+import gzip, hashlib, json, platform, sys
+entry = json.load(open(sys.argv[1] + "/manifest.json"))["topics-data"]
+raw = open(sys.argv[1] + "/" + entry["file"], "rb").read()
+payload = json.loads(gzip.decompress(raw))
+text = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+print(platform.python_version(), hashlib.sha256(raw).hexdigest() == entry["sha256"],
+      hashlib.sha256(text).hexdigest() == entry["json_sha256"], len(payload["classes"]))
+"""
+
+
+def test_every_python_here_reads_the_same_frozen_topics_data():
+    """pydoc_data differs between these interpreters; the frozen task must not."""
+    pythons = _other_pythons()
+    if not pythons:
+        pytest.skip("no other Python 3.10-3.13 interpreter on this machine")
+    versions = set()
+    for python in pythons:
+        out = subprocess.run(
+            [python, "-c", READ_FROZEN, str(data_dir())], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert out[1:] == ["True", "True", "56"], (python, out)
+        versions.add(out[0])
+    assert versions  # at least one interpreter checked
 
 
 def test_tasks_command_verifies_the_data(capsys):
