@@ -333,10 +333,9 @@ def _other_pythons() -> list[str]:
     """Interpreters 3.10-3.13 on this machine (pyenv's, Debian's), for torch-free checks."""
     import glob
 
-    found = {shutil.which(f"python3.{minor}") for minor in (10, 11, 12, 13)}
-    found |= set(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[0-3].*/bin/python3")))
-    found |= {"/usr/bin/python3"} if os.path.exists("/usr/bin/python3") else set()
-    return sorted(p for p in found if p)
+    found = glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[0-3].*/bin/python3"))
+    found += ["/usr/bin/python3"] if os.path.exists("/usr/bin/python3") else []
+    return sorted(p for p in found if subprocess.run([p, "-c", "pass"]).returncode == 0)
 
 
 READ_FROZEN = """
