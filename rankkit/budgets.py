@@ -19,18 +19,17 @@ whether the difference is beyond seed noise (a two-sided paired t-test at 5%).
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from scipy import stats
 
 from rankkit.checkpoints import load_state_dict
 from rankkit.extract import ExtractedAdapter, extract_lora
 from rankkit.lora import load_adapter
 from rankkit.methods import finetune
+from rankkit.stats import compare_seeds
 from rankkit.tasks import Task
 
 
@@ -134,24 +133,25 @@ def summarize_study(table: pd.DataFrame, metric: str) -> pd.DataFrame:
 def compare_with_uniform(table: pd.DataFrame, metric: str) -> list[dict[str, Any]]:
     """Energy and budget ranks minus uniform ranks, per budget, paired by seed (same fine-tune).
 
-    The verdict is "within seed noise" unless a two-sided paired t-test rejects a zero
-    mean difference at 5% (``|mean| >= t_0.975(n-1) * sd / sqrt(n)``).
+    The verdict is "within seed noise" unless the paired t-test of
+    :func:`rankkit.stats.compare_seeds` rejects a zero mean difference at 5%.
     """
     lora = table[table["budget"].notna()]
     wide = lora.pivot_table(index=["budget", "seed"], columns="allocation", values=metric)
     rows = []
     for budget, part in wide.groupby(level="budget"):
         for name in ("energy", "budget"):
-            if "uniform" not in part or part["uniform"].isna().all():
+            if name not in part or "uniform" not in part or part["uniform"].isna().all():
                 continue
-            d = (part[name] - part["uniform"]).dropna().to_numpy()
+            pairs = part[[name, "uniform"]].dropna()
+            d = (pairs[name] - pairs["uniform"]).to_numpy()
             n, mean = len(d), float(d.mean())
             sd = float(d.std(ddof=1)) if n > 1 else float("nan")
             if n < 2:
                 verdict = "one seed, no noise estimate"
             elif (d == 0).all():
                 verdict = "identical on every seed"
-            elif abs(mean) < stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n):
+            elif not compare_seeds(pairs[name], pairs["uniform"], paired=True).resolved:
                 verdict = "within seed noise"
             else:
                 verdict = "better than uniform" if mean > 0 else "worse than uniform"

@@ -472,3 +472,32 @@ def test_cli_extract_task_evaluates_each_budget_three_ways_next_to_the_baselines
                 verdict = "better than uniform" if d.mean() > 0 else "worse than uniform"
             line = f"budget {budget:>7,} {name:>6}: {d.mean():+.4f}"
             assert line in printed and verdict in printed.split(line)[1].splitlines()[0]
+
+
+def test_compare_with_uniform_pairs_seeds_and_uses_the_paired_t_test():
+    """Hand-made tables whose paired t-test outcome is known."""
+    import pandas as pd
+
+    from rankkit.budgets import compare_with_uniform
+
+    def table(uniform, budget_rule):
+        rows = [
+            {"budget": 832.0, "seed": s, "allocation": name, "test_accuracy": value}
+            for name, values in (("uniform", uniform), ("budget", budget_rule))
+            for s, value in enumerate(values)
+        ]
+        return pd.DataFrame(rows)
+
+    # +0.010 on every seed but one (+0.011): sd tiny, the shift is resolved.
+    (row,) = compare_with_uniform(table([0.90, 0.91, 0.92], [0.91, 0.92, 0.931]), "test_accuracy")
+    assert row["verdict"] == "better than uniform" and row["seeds"] == 3
+    # Unpaired these would look like noise (seed spread 0.01); paired they are not.
+    (row,) = compare_with_uniform(table([0.90, 0.91, 0.92], [0.89, 0.899, 0.91]), "test_accuracy")
+    assert row["verdict"] == "worse than uniform"
+    # Differences of +0.02, -0.02, +0.01: mean 0.0033, t = 0.28, within noise.
+    (row,) = compare_with_uniform(table([0.90, 0.91, 0.92], [0.92, 0.89, 0.93]), "test_accuracy")
+    assert row["verdict"] == "within seed noise"
+    (row,) = compare_with_uniform(table([0.9, 0.9], [0.9, 0.9]), "test_accuracy")
+    assert row["verdict"] == "identical on every seed"
+    (row,) = compare_with_uniform(table([0.9], [0.95]), "test_accuracy")
+    assert row["verdict"] == "one seed, no noise estimate"
