@@ -13,7 +13,8 @@ layer's :math:`\Delta W_l`, and gives layer :math:`l` the rank :math:`r_l` that 
 the allocation of ``python -m rankkit extract --budget`` (:func:`rankkit.allocate_budget`):
 the ranks whose truncation of the pilot's ΔW lies closest to it in weight space. A layer
 that gets rank 0 gets no adapter. Each layer's ``lora_alpha`` follows the sweep's alpha
-rule at its own rank, so with ``alpha = "r"`` every layer has scaling 1 as in uniform runs.
+rule at its own rank, as in uniform runs: with the default ``alpha = "sqrt(r)"`` layer
+:math:`l` has scale :math:`1/\sqrt{r_l}`, with ``alpha = "r"`` every layer has scale 1.
 
 One pilot, not one per seed: a practitioner pays for one full fine-tune, and every seed
 of a spectral run then trains the same configuration, so the seed spread of spectral
