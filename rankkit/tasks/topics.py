@@ -49,17 +49,15 @@ in the body (a quarter of them the embedding), plus the head.
 
 from __future__ import annotations
 
-import math
 import platform
 import re
 import zlib
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
@@ -71,6 +69,12 @@ from rankkit.tasks.base import (
     save_frozen_data,
     splits_sha256,
 )
+from rankkit.tasks.transformer import (
+    LanguageModeling,
+    TinyTransformer,
+    TransformerConfig,
+    Vocabulary,
+)
 from rankkit.train import fit
 
 PASSAGE_TOKENS = 24
@@ -81,8 +85,6 @@ SPLIT_SEED = 0
 VOCAB_SIZE = 2048
 SPLITS = ("train", "val", "test")
 
-UNK = 0
-UNK_TOKEN = "<unk>"
 _ASCII = str.maketrans({"’": "'", "‘": "'", "“": '"', "”": '"', "—": "-", "–": "-", "…": "..."})
 #: A token is a word or identifier, a number, or one punctuation character.
 TOKEN = re.compile(r"[A-Za-z_][A-Za-z_0-9]*|\d+|\S")
@@ -99,37 +101,6 @@ def normalize(text: str) -> str:
 def tokenize(text: str) -> list[str]:
     """Words / identifiers, numbers and single punctuation marks of the normalised text."""
     return TOKEN.findall(normalize(text))
-
-
-class Vocabulary:
-    """Token <-> id; id 0 is ``<unk>`` for every token outside the vocabulary.
-
-    Built from the pretraining text only: the ``VOCAB_SIZE - 1`` most frequent
-    tokens, ties broken alphabetically. The list is stored in the base weights'
-    metadata (covered by their checksum), so the ids match the embedding rows
-    even on a Python version whose reference text differs.
-    """
-
-    def __init__(self, tokens: list[str]):
-        if not tokens or tokens[0] != UNK_TOKEN or len(set(tokens)) != len(tokens):
-            raise ValueError("a vocabulary is a list of distinct tokens starting with '<unk>'.")
-        self.tokens = list(tokens)
-        self.ids = {t: i for i, t in enumerate(self.tokens)}
-
-    @classmethod
-    def from_corpus(cls, tokens: list[str], size: int = VOCAB_SIZE) -> Vocabulary:
-        counts = Counter(tokens)
-        ranked = sorted(counts, key=lambda t: (-counts[t], t))[: size - 1]
-        return cls([UNK_TOKEN, *ranked])
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def encode(self, tokens: list[str]) -> list[int]:
-        return [self.ids.get(t, UNK) for t in tokens]
-
-    def decode(self, ids) -> str:
-        return " ".join(self.tokens[int(i)] for i in ids)
 
 
 @dataclass(frozen=True)
@@ -250,119 +221,6 @@ def build_topic_data() -> TopicData:
     return TopicData(tuple(classes), splits, tokens, lm_tokens)
 
 
-# --------------------------------------------------------------------------- model
-
-
-@dataclass(frozen=True)
-class TransformerConfig:
-    vocab_size: int = VOCAB_SIZE
-    block_size: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 128
-    d_mlp: int = 512
-    dropout: float = 0.1
-
-
-class Attention(nn.Module):
-    """Multi-head causal self-attention with separate q, k, v, o projections."""
-
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
-        self.q = nn.Linear(cfg.d_model, cfg.d_model)
-        self.k = nn.Linear(cfg.d_model, cfg.d_model)
-        self.v = nn.Linear(cfg.d_model, cfg.d_model)
-        self.o = nn.Linear(cfg.d_model, cfg.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-
-        def heads(t):  # (B, T, C) -> (B, n_head, T, C / n_head)
-            return t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-
-        y = F.scaled_dot_product_attention(
-            heads(self.q(x)),
-            heads(self.k(x)),
-            heads(self.v(x)),
-            is_causal=True,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.d_model, cfg.d_mlp)
-        self.fc2 = nn.Linear(cfg.d_mlp, cfg.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig):
-        super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = Attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
-        self.mlp = MLP(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
-        return x + self.drop(self.mlp(self.ln2(x)))
-
-
-class TinyTransformer(nn.Module):
-    """A GPT-style model: a language model, or a classifier if ``n_classes`` is set.
-
-    ``forward(ids)`` takes ``(batch, time)`` token ids and returns next-token
-    logits ``(batch, time, vocab)`` (language model) or class logits
-    ``(batch, n_classes)`` (mean-pooled final states through ``head``).
-    """
-
-    def __init__(self, cfg: TransformerConfig = TransformerConfig(), n_classes: int | None = None):
-        super().__init__()
-        self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, n_classes) if n_classes else None
-        self.apply(self._init)
-        # GPT-2: scale the projections that write into the residual stream so its
-        # variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith(("attn.o.weight", "mlp.fc2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
-        """Final normalised hidden states, ``(batch, time, d_model)``."""
-        T = ids.shape[1]
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence of {T} tokens exceeds block_size={self.cfg.block_size}.")
-        x = self.drop(self.tok_emb(ids) + self.pos_emb(torch.arange(T, device=ids.device)))
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.hidden(ids)
-        if self.head is None:
-            return h @ self.tok_emb.weight.T
-        return self.head(h.mean(dim=1))
-
-
 # --------------------------------------------------------------------------- task
 
 
@@ -380,7 +238,7 @@ def vocabulary() -> Vocabulary:
 
 @lru_cache(maxsize=1)
 def _corpus_vocabulary() -> Vocabulary:
-    return Vocabulary.from_corpus(topic_data().lm_tokens)
+    return Vocabulary.from_corpus(topic_data().lm_tokens, VOCAB_SIZE)
 
 
 @lru_cache(maxsize=2)
@@ -463,7 +321,7 @@ class TopicsTask(Task):
     def pretrain(self, seed: int = 0, progress: bool = True, device: str = "cpu"):
         """Pretrain the language model; return ``(state, manifest_fields)``."""
         vocab = _corpus_vocabulary()
-        lm = _LanguageModeling(vocab)
+        lm = _language_modeling(vocab)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = TinyTransformer(self.config)
@@ -503,68 +361,23 @@ def _topic_splits(vocab: Vocabulary) -> dict[str, TensorDataset]:
     }
 
 
-class _Windows(Dataset):
-    """Windows of ``block_size + 1`` tokens every ``stride``: (input, next-token target)."""
-
-    def __init__(self, ids: torch.Tensor, block_size: int, stride: int):
-        self.ids, self.block_size = ids, block_size
-        self.starts = range(0, len(ids) - block_size - 1, stride)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, i):
-        w = self.ids[self.starts[i] : self.starts[i] + self.block_size + 1]
-        return w[:-1], w[1:]
-
-
-class _LanguageModeling:
-    """The pretraining objective: next-token prediction (a task for ``fit``)."""
-
-    name = "topics-pretrain"
-    metric_name = "next_token_accuracy"
-    default_hparams = {  # noqa: RUF012
-        "epochs": 10,
-        "lr": 2e-3,
-        "batch_size": 32,
-        "weight_decay": 0.01,
-        "schedule": "cosine",
-        "warmup": 0.05,
-    }
-    stride = 32
-
-    def __init__(self, vocab: Vocabulary):
-        data = topic_data()
-        windows = _Windows(
-            torch.tensor(vocab.encode(data.lm_tokens)), TopicsTask.config.block_size, self.stride
-        )
-        # Held-out passages, scored on predicting each token from the ones before it.
-        held = {s: _ids(vocab, data.tokens[s]) for s in ("val", "test")}
-        self._splits = {
-            "train": windows,
-            **{s: TensorDataset(t[:, :-1], t[:, 1:]) for s, t in held.items()},
-        }
-
-    def splits(self) -> dict[str, Dataset]:
-        return self._splits
-
-    def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        x, y = batch
-        return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-
-    @torch.no_grad()
-    def _scores(self, model: nn.Module, split: str, device=None) -> tuple[float, float]:
-        x, y = self._splits[split].tensors
-        device = device or next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        logits = model(x.to(device)).float().cpu()
-        model.train(was_training)
-        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
-        return (logits.argmax(-1) == y).float().mean().item(), math.exp(nll)
-
-    def evaluate(self, model: nn.Module, split: str = "test", device=None) -> float:
-        return self._scores(model, split, device)[0]
-
-    def perplexity(self, model: nn.Module, split: str = "test") -> float:
-        return self._scores(model, split)[1]
+def _language_modeling(vocab: Vocabulary) -> LanguageModeling:
+    """The pretraining task: next-token prediction over every topic (minus val / test)."""
+    data = topic_data()
+    # Held-out passages, scored on predicting each token from the ones before it.
+    held = {s: _ids(vocab, data.tokens[s]) for s in ("val", "test")}
+    return LanguageModeling(
+        "topics-pretrain",
+        torch.tensor(vocab.encode(data.lm_tokens)),
+        held,
+        block_size=TopicsTask.config.block_size,
+        stride=32,
+        hparams={
+            "epochs": 10,
+            "lr": 2e-3,
+            "batch_size": 32,
+            "weight_decay": 0.01,
+            "schedule": "cosine",
+            "warmup": 0.05,
+        },
+    )
