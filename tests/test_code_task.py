@@ -1,0 +1,167 @@
+"""The ``code`` task: frozen standard-library data, its base, and the lesson it is built for."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from rankkit.checkpoints import CheckpointError
+from rankkit.methods import prepare_run
+from rankkit.stats import compare_accuracies
+from rankkit.tasks import code as code_module
+from rankkit.tasks import get_task, read_manifest
+from rankkit.tasks.base import data_dir, load_base_weights, splits_sha256
+from rankkit.tasks.code import (
+    BLANK_OFFSET,
+    CLASSES,
+    MASK_TOKEN,
+    PER_CLASS,
+    WINDOW,
+    code_data,
+    code_tokens,
+    file_group,
+    vocabulary,
+)
+from rankkit.tasks.transformer import TinyTransformer
+from rankkit.train import fit
+
+BLANK = WINDOW - 1 - BLANK_OFFSET  # position of <mask> in every window
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def data_copy(tmp_path, monkeypatch):
+    """A private copy of data/ that the tasks read instead of the real one."""
+    shutil.copytree(data_dir(), tmp_path / "data")
+    monkeypatch.setenv("RANKKIT_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path / "data"
+
+
+def _clear_caches():
+    for cached in (code_module.code_data, code_module.vocabulary, code_module._code_splits):
+        cached.cache_clear()
+
+
+def test_code_tokens_keep_structure_and_hide_literals():
+    source = "def f(x):\n    # why\n    return x + 'a' * 2\n"
+    assert code_tokens(source) == [
+        "def", "f", "(", "x", ")", ":", "<nl>",
+        "<indent>", "return", "x", "+", "<str>", "*", "<num>", "<nl>", "<dedent>",
+    ]  # fmt: skip
+
+
+def test_files_are_split_by_path_hash_into_disjoint_groups():
+    groups = code_data()["files"]
+    assert set(groups) == {"pretraining", "train", "val", "test"}
+    every = [f for files in groups.values() for f in files]
+    assert len(every) == len(set(every))  # no file in two groups: the base never saw them
+    for group, files in groups.items():
+        assert all(file_group(f) == group for f in files)
+    # About 70 / 10 / 10 / 10 by file count.
+    assert 0.6 < len(groups["pretraining"]) / len(every) < 0.8
+
+
+def test_every_window_has_one_blank_and_the_splits_are_balanced():
+    vocab = vocabulary()
+    mask = vocab.ids[MASK_TOKEN]
+    assert mask == 1 and vocab.tokens[0] == "<unk>"
+    assert mask not in set(code_data()["lm"]["train"])  # never seen in pretraining
+    for split, data in get_task("code").splits().items():
+        ids, labels = data.tensors
+        assert ids.shape == (len(CLASSES) * PER_CLASS[split], WINDOW)
+        assert (ids[:, BLANK] == mask).all()
+        assert ((ids == mask).sum(1) == 1).all()
+        assert np.bincount(labels.numpy()).tolist() == [PER_CLASS[split]] * len(CLASSES)
+    # No window twice, within a split or across splits (files share some boilerplate).
+    every = [tuple(w) for d in get_task("code").splits().values() for w in d.tensors[0].tolist()]
+    assert len(set(every)) == len(every)
+
+
+def test_the_data_is_read_from_the_frozen_copy_not_the_interpreter(monkeypatch):
+    def no_stdlib(*args, **kwargs):
+        raise AssertionError("the task read the interpreter's standard library")
+
+    monkeypatch.setattr(code_module, "stdlib_files", no_stdlib)
+    _clear_caches()
+    try:
+        entry = read_manifest()["code-data"]
+        assert splits_sha256(get_task("code").splits()) == entry["splits_sha256"]
+        assert len(code_data()["lm"]["train"]) == 777_590
+    finally:
+        _clear_caches()
+
+
+@pytest.mark.slow
+def test_refreezing_gives_the_same_data_on_the_python_that_built_it(data_copy):
+    from rankkit.tasks import freeze_data
+    from rankkit.tasks.base import load_frozen_data
+
+    shipped = read_manifest()["code-data"]
+    try:
+        entry = freeze_data("code")
+        payload = json.dumps(load_frozen_data("code"), sort_keys=True, separators=(",", ":"))
+        assert hashlib.sha256(payload.encode()).hexdigest() == entry["json_sha256"]
+        assert splits_sha256(get_task("code").splits()) == entry["splits_sha256"]
+        if shipped["python"] == platform.python_version():
+            assert entry["json_sha256"] == shipped["json_sha256"]
+    finally:
+        _clear_caches()
+
+
+def test_a_base_built_on_other_data_is_refused(monkeypatch):
+    other = dict(code_data())
+    other["vocab"] = list(reversed(other["vocab"]))
+    monkeypatch.setattr(code_module, "code_data", lambda: other)
+    with pytest.raises(CheckpointError, match=r"another vocabulary.*pretrain code"):
+        get_task("code").build_model(pretrained=True)
+
+
+def _zero_shot_accuracy(split: str = "test") -> float:
+    """The pretrained LM's own next-token guess at the blank, among the eight classes."""
+    task = get_task("code")
+    lm = TinyTransformer(task.config)
+    lm.load_state_dict(load_base_weights("code"))
+    lm.eval()
+    ids, labels = task.splits()[split].tensors
+    class_ids = torch.tensor(vocabulary().encode(list(CLASSES)))
+    with torch.no_grad():
+        guess = lm(ids)[:, BLANK - 1, class_ids].argmax(-1)
+    return (guess == labels).float().mean().item()
+
+
+def _test_accuracy(method: str, pretrained: bool, seed: int = 0) -> float:
+    task = get_task("code")
+    run = prepare_run(task, method, seed, pretrained=pretrained)
+    return fit(run.model, task, lr=run.lr, seed=seed, progress=False, device="cpu").metrics[
+        "test_accuracy"
+    ]
+
+
+@pytest.mark.slow
+def test_the_answer_is_in_the_base_but_only_fine_tuning_reads_it():
+    """The module docstring's claim, on seed 0 (docs/tasks.md has three seeds)."""
+    n = len(CLASSES) * PER_CLASS["test"]
+    zero_shot = _zero_shot_accuracy()
+    frozen = _test_accuracy("frozen", pretrained=True)
+    random_features = _test_accuracy("frozen", pretrained=False)
+    full = _test_accuracy("full", pretrained=True)
+    assert zero_shot > 0.7  # the LM knows the token at the blank...
+    # ...a new head on its frozen last state does not read it, full fine-tuning does:
+    gain = compare_accuracies(full, frozen, n)
+    assert gain.difference >= 0.15 and gain.resolved
+    # and the pretrained body is worth more than a random one.
+    assert compare_accuracies(frozen, random_features, n).resolved
+    assert frozen > random_features
