@@ -76,14 +76,14 @@ def test_unknown_task_lists_known_names_and_closest_match():
 def test_cli_unknown_task_is_a_clear_error_not_a_traceback(capsys):
     assert main(["finetune", "--task", "topic", "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "unknown task 'topic'" in err and "digits, topics, code, minilm" in err
+    assert "unknown task 'topic'" in err and "digits, topics, code, minilm, minilm-code" in err
     assert "Traceback" not in err
 
 
 def test_cli_tasks_lists_parameter_counts_and_metrics(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
-    for name in ["digits", "topics", "code", "minilm"]:
+    for name in ["digits", "topics", "code", "minilm", "minilm-code"]:
         assert name in out
     for name in SHIPPED:
         assert f"{get_task(name).num_parameters():,} parameters" in out

