@@ -244,8 +244,10 @@ class CodeTask(Task):
     metric_name = "accuracy"
     head_modules = ["head"]  # noqa: RUF012
     default_hparams = {  # noqa: RUF012
-        "epochs": 10,
-        "lr": 1e-3,
+        # Seed 0, val accuracy: full fine-tuning 0.71 / 0.76 / 0.76 / 0.79 at lr 1e-3 and
+        # 3e-3 for 10 and 20 epochs; LoRA r = 8 on all-linear 0.77 at 1e-2, 0.66 at 3e-2.
+        "epochs": 20,
+        "lr": 3e-3,
         "lora_lr": 1e-2,
         "head_lr": 1e-2,
         "batch_size": 32,
