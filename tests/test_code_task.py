@@ -6,14 +6,17 @@ import hashlib
 import json
 import platform
 import shutil
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from rankkit.checkpoints import CheckpointError
 from rankkit.methods import prepare_run
-from rankkit.stats import compare_accuracies
+from rankkit.stats import compare_accuracies, compare_seeds
+from rankkit.sweep import rank_for_gain, rank_for_gain_interval
 from rankkit.tasks import code as code_module
 from rankkit.tasks import get_task, read_manifest
 from rankkit.tasks.base import data_dir, load_base_weights, splits_sha256
@@ -165,3 +168,27 @@ def test_the_answer_is_in_the_base_but_only_fine_tuning_reads_it():
     # and the pretrained body is worth more than a random one.
     assert compare_accuracies(frozen, random_features, n).resolved
     assert frozen > random_features
+
+
+RECORD = Path(__file__).resolve().parents[1] / "docs" / "records" / "code-sweep.csv"
+
+
+def test_the_recorded_code_sweep_says_what_docs_sweeps_md_says():
+    """docs/sweeps.md and the README read their code-sweep verdicts from this record."""
+    results = pd.read_csv(RECORD)
+    assert len(results) == 48 and (results["status"] == "ok").all()
+    frozen = results.loc[results["method"] == "frozen", "test_metric"]
+    full = results.loc[results["method"] == "full", "test_metric"]
+    gain = compare_seeds(full, frozen)
+    assert gain.difference >= 0.15 and gain.difference >= 5 * max(full.std(), frozen.std())
+    assert gain.resolved
+    # 80% of the gain: a one-step interval for both target sets.
+    assert rank_for_gain(results, 0.8, "all-linear") == 4
+    assert rank_for_gain_interval(results, 0.8, "all-linear") == (2, 4)
+    assert rank_for_gain(results, 0.8, "q,v") == 16
+    assert rank_for_gain_interval(results, 0.8, "q,v") == (8, 16)
+    # 90%: not reached at any rank (the curves flatten below full fine-tuning).
+    assert rank_for_gain(results, 0.9, "all-linear") is None
+    assert rank_for_gain(results, 0.9, "q,v") is None
+    lora64 = results.query("method == 'lora' and targets == 'all-linear' and rank == 64")
+    assert compare_seeds(full, lora64["test_metric"]).sign == 1
