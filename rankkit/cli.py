@@ -526,6 +526,7 @@ def _register_pretrain(subparsers) -> None:
         """
         python -m rankkit pretrain digits                # seconds
         python -m rankkit pretrain topics --threads 1    # ~10 minutes on a laptop CPU
+        python -m rankkit pretrain code --threads 1      # ~1-2 minutes
         python -m rankkit pretrain digits --out /tmp/bases --seed 1
         """,
     )
@@ -557,11 +558,13 @@ def _register_freeze_data(subparsers) -> None:
     p = _add_command(
         subparsers,
         "freeze-data",
-        "Record a task's data under the manifest's checksum: topics freezes the text that ships "
-        "with this Python into data/topics-data.json.gz (every Python then reads that file); "
-        "digits records the checksum of its splits. 'rankkit tasks' re-checks both.",
+        "Record a task's data under the manifest's checksum: topics and code freeze what they "
+        "build from this Python (its reference text, its standard library's sources) into "
+        "data/TASK-data.json.gz, which every Python then reads; digits records the checksum "
+        "of its splits. 'rankkit tasks' re-checks them.",
         """
         python -m rankkit freeze-data topics
+        python -m rankkit freeze-data code
         python -m rankkit freeze-data digits
         """,
     )

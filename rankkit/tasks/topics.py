@@ -255,7 +255,7 @@ class TopicsTask(Task):
 
     name = "topics"
     description = (
-        "4-layer transformer LM-pretrained on Python's reference docs (pydoc_data), "
+        "4-layer transformer LM-pretrained on Python's reference docs (pydoc_data, frozen copy), "
         "fine-tuned to name a passage's topic"
     )
     metric_name = "accuracy"
