@@ -188,9 +188,28 @@ def test_two_sweep_processes_on_one_folder_one_killed_then_a_rerun(tmp_path):
     assert pd.read_csv(results).equals(final)
 
 
+def _children(pid: int) -> set[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return {int(p) for p in found.split()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("jobs", ["1", "2"])
-def test_ctrl_c_prints_one_line_on_what_was_saved(tmp_path, jobs):
+@pytest.mark.parametrize(
+    ("jobs", "stop"),
+    [("1", signal.SIGINT), ("2", signal.SIGINT), ("2", signal.SIGTERM)],
+    ids=["ctrl-c-1-job", "ctrl-c-2-jobs", "kill-2-jobs"],
+)
+def test_ctrl_c_prints_one_line_on_what_was_saved(tmp_path, jobs, stop):
+    """Ctrl-C, and a plain ``kill`` (SIGTERM), stop the sweep cleanly: what finished is
+    saved, one line says so, and no worker process is left behind."""
     out = tmp_path / "interrupted"
     args = ["sweep", "--ranks", "1,2,4,8", "--seeds", "0,1", "--epochs", "20", "--lr", "0.01",
             "--no-baselines", "--no-batch", "--jobs", jobs, "--out", str(out)]  # fmt: skip
@@ -199,7 +218,8 @@ def test_ctrl_c_prints_one_line_on_what_was_saved(tmp_path, jobs):
     deadline = time.time() + 240
     while time.time() < deadline and not (results.exists() and len(pd.read_csv(results)) >= 1):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    workers = _children(proc.pid)
+    proc.send_signal(stop)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
     saved = len(pd.read_csv(results))
@@ -212,3 +232,8 @@ def test_ctrl_c_prints_one_line_on_what_was_saved(tmp_path, jobs):
     )
     if jobs == "2":  # the queue stopped; the runs in flight finished and were kept
         assert len(list((out / "adapters").iterdir())) == saved
+        assert workers, "the sweep should have started worker processes"
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers), "a worker process outlived the sweep"

@@ -43,9 +43,11 @@ import math
 import os
 import re
 import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -398,7 +400,8 @@ def run_sweep(
         patterns = spectral_rank_patterns(config, out_dir, log)
     session = _Session(config, out_dir, runner or run_one, log, progress, patterns)
     try:
-        session.train_all(poll_s)
+        with _terminate_as_interrupt():
+            session.train_all(poll_s)
     except KeyboardInterrupt:
         raise session.interrupted() from None
     finally:
@@ -408,6 +411,28 @@ def run_sweep(
     results = session.store.reload().frame()
     figures = write_sweep_figures(out_dir) if plot and len(results) else []
     return SweepResult(out_dir, results, session.ran, session.skipped, figures)
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Let SIGTERM (``kill``, a scheduler's time limit) take Ctrl-C's path.
+
+    Without it the sweep process dies at once and its worker processes, blocked on
+    a queue that no one will ever fill, live on; with it the queue stops, the runs in
+    flight finish and are kept, the claims are released and the workers exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Session:
