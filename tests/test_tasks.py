@@ -57,7 +57,7 @@ def one_thread():
 # --------------------------------------------------------------------------- registry
 
 
-def test_list_tasks_has_the_four_tasks_default_first():
+def test_list_tasks_has_the_built_in_tasks_default_first():
     assert list_tasks()[0] == "digits"
     assert {"digits", "topics", "code", "minilm"} <= set(list_tasks())
     assert all(isinstance(get_task(n), Task) for n in SHIPPED)
