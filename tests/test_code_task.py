@@ -216,3 +216,18 @@ def test_the_recorded_code_d90_says_what_docs_intrinsic_md_says():
         return rows.loc[(rows["d"] == d) & (rows["stage"] != "baseline"), "metric"]
 
     assert compare_seeds(at(finetune, 1000), at(scratch, 1000)).sign == 1
+
+
+@pytest.mark.slow
+def test_pretrain_code_reproduces_the_shipped_base(tmp_path):
+    """The recorded command rebuilds the shipped base (about 80 s on one core)."""
+    from rankkit.tasks import pretrain_base
+
+    entry = pretrain_base("code", seed=0, directory=tmp_path, progress=False, threads=1)
+    shipped = read_manifest()["code"]
+    assert entry["command"] == shipped["command"]
+    rebuilt = load_base_weights("code", tmp_path)
+    for key, tensor in load_base_weights("code").items():
+        # Bit-identical on the machine that built it; other CPUs may round differently.
+        torch.testing.assert_close(rebuilt[key], tensor, rtol=1e-4, atol=1e-5)
+    assert entry["metric"] == pytest.approx(shipped["metric"], abs=2e-3)

@@ -63,7 +63,6 @@ import platform
 import tokenize
 import zlib
 from collections import Counter
-from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
 
@@ -86,8 +85,8 @@ from rankkit.tasks.transformer import (
     TinyTransformer,
     TransformerConfig,
     Vocabulary,
+    pretrain_language_model,
 )
-from rankkit.train import fit
 
 CLASSES = ("(", ")", ".", ",", ":", "=", "<nl>", "<str>")
 MASK_TOKEN = "<mask>"
@@ -328,31 +327,14 @@ class CodeTask(Task):
 
     def pretrain(self, seed: int = 0, progress: bool = True, device: str = "cpu"):
         """Pretrain the language model; return ``(state, manifest_fields)``."""
-        lm = self.language_modeling()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = TinyTransformer(self.config)
-        result = fit(model, lm, seed=seed, progress=progress, device=device)
-        model.cpu().eval()
+        state, fields = pretrain_language_model(
+            self.config, self.language_modeling(), seed, progress, device
+        )
         train_ids = code_data()["lm"]["train"]
         unknown = sum(i == 0 for i in train_ids) / len(train_ids)
-        return model.state_dict(), {
-            "config": asdict(self.config),
-            "data": (
-                f"data/code-data.json.gz: {len(train_ids):,} tokens of the standard library's "
-                f"pretraining files, {unknown:.1%} of them <unk>"
-            ),
-            "hparams": result.hparams,
-            "metric": {
-                "val_next_token_accuracy": round(result.metrics["val_next_token_accuracy"], 4),
-                "test_next_token_accuracy": round(result.metrics["test_next_token_accuracy"], 4),
-                "val_perplexity": round(lm.perplexity(model, "val"), 2),
-                "test_perplexity": round(lm.perplexity(model, "test"), 2),
-            },
-            "history": [
-                {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-                for row in result.history
-            ],
-            "wall_time_s": round(result.wall_time_s, 1),
-            "metadata": {"vocab": code_data()["vocab"]},
-        }
+        fields["data"] = (
+            f"data/code-data.json.gz: {len(train_ids):,} tokens of the standard library's "
+            f"pretraining files, {unknown:.1%} of them <unk>"
+        )
+        fields["metadata"] = {"vocab": code_data()["vocab"]}
+        return state, fields

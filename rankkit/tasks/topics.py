@@ -53,7 +53,7 @@ import platform
 import re
 import zlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -74,8 +74,8 @@ from rankkit.tasks.transformer import (
     TinyTransformer,
     TransformerConfig,
     Vocabulary,
+    pretrain_language_model,
 )
-from rankkit.train import fit
 
 PASSAGE_TOKENS = 24
 MIN_PASSAGES = 6
@@ -321,35 +321,18 @@ class TopicsTask(Task):
     def pretrain(self, seed: int = 0, progress: bool = True, device: str = "cpu"):
         """Pretrain the language model; return ``(state, manifest_fields)``."""
         vocab = _corpus_vocabulary()
-        lm = _language_modeling(vocab)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = TinyTransformer(self.config)
-        result = fit(model, lm, seed=seed, progress=progress, device=device)
-        model.cpu().eval()
+        state, fields = pretrain_language_model(
+            self.config, _language_modeling(vocab), seed, progress, device
+        )
         data = topic_data()
         unknown = sum(t not in vocab.ids for t in data.lm_tokens) / len(data.lm_tokens)
-        return model.state_dict(), {
-            "config": asdict(self.config),
-            "data": (
-                f"pydoc_data.topics as frozen in data/topics-data.json.gz: "
-                f"{len(data.lm_tokens):,} tokens (every topic minus the val/test passages "
-                f"of the topics task), {unknown:.1%} of them <unk>"
-            ),
-            "hparams": result.hparams,
-            "metric": {
-                "val_next_token_accuracy": round(result.metrics["val_next_token_accuracy"], 4),
-                "test_next_token_accuracy": round(result.metrics["test_next_token_accuracy"], 4),
-                "val_perplexity": round(lm.perplexity(model, "val"), 2),
-                "test_perplexity": round(lm.perplexity(model, "test"), 2),
-            },
-            "history": [
-                {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-                for row in result.history
-            ],
-            "wall_time_s": round(result.wall_time_s, 1),
-            "metadata": {"vocab": vocab.tokens},
-        }
+        fields["data"] = (
+            f"pydoc_data.topics as frozen in data/topics-data.json.gz: "
+            f"{len(data.lm_tokens):,} tokens (every topic minus the val/test passages "
+            f"of the topics task), {unknown:.1%} of them <unk>"
+        )
+        fields["metadata"] = {"vocab": vocab.tokens}
+        return state, fields
 
 
 @lru_cache(maxsize=2)

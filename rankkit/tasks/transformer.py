@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
+
+from rankkit.train import fit
 
 UNK = 0
 UNK_TOKEN = "<unk>"
@@ -265,3 +267,41 @@ class LanguageModeling:
 
     def perplexity(self, model: nn.Module, split: str = "test") -> float:
         return self._scores(model, split)[1]
+
+
+def pretrain_language_model(
+    config: TransformerConfig,
+    lm: LanguageModeling,
+    seed: int = 0,
+    progress: bool = True,
+    device: str = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Pretrain a :class:`TinyTransformer` language model on ``lm`` from ``seed``.
+
+    The one pretraining recipe of the ``topics`` and ``code`` tasks: a model
+    initialised under ``seed`` (the global RNG untouched), trained by
+    :func:`rankkit.train.fit` with ``lm``'s hyperparameters. Returns the weights and
+    the manifest fields every such base records (config, hyperparameters, held-out
+    next-token accuracy and perplexity, history, wall time); the task adds where its
+    data came from and its vocabulary.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = TinyTransformer(config)
+    result = fit(model, lm, seed=seed, progress=progress, device=device)
+    model.cpu().eval()
+    return model.state_dict(), {
+        "config": asdict(config),
+        "hparams": result.hparams,
+        "metric": {
+            "val_next_token_accuracy": round(result.metrics["val_next_token_accuracy"], 4),
+            "test_next_token_accuracy": round(result.metrics["test_next_token_accuracy"], 4),
+            "val_perplexity": round(lm.perplexity(model, "val"), 2),
+            "test_perplexity": round(lm.perplexity(model, "test"), 2),
+        },
+        "history": [
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+            for row in result.history
+        ],
+        "wall_time_s": round(result.wall_time_s, 1),
+    }
