@@ -201,6 +201,23 @@ def save_frozen_data(
     return entry
 
 
+def freeze_task_data(
+    task: Task, payload: Mapping[str, Any], fields: Mapping[str, Any], caches=()
+) -> dict[str, Any]:
+    """Freeze ``payload`` as ``task``'s data and record the SHA-256 of the splits read back.
+
+    ``caches`` are the task's ``lru_cache`` functions over its frozen data; they are
+    cleared so the checksum is computed from the file just written, as every later
+    run will read it (:func:`splits_sha256`, checked by ``python -m rankkit tasks``).
+    """
+    save_frozen_data(task.name, payload, fields)
+    for cached in caches:
+        cached.cache_clear()
+    return save_frozen_data(
+        task.name, payload, {**fields, "splits_sha256": splits_sha256(task.splits())}
+    )
+
+
 def load_frozen_data(name: str, directory: str | os.PathLike | None = None) -> dict[str, Any]:
     """The frozen data of task ``name``, after checking the file against the manifest.
 

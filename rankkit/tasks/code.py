@@ -75,10 +75,9 @@ from rankkit.checkpoints import CheckpointError
 from rankkit.tasks.base import (
     Task,
     base_metadata,
+    freeze_task_data,
     load_frozen_data,
     rebuild_command,
-    save_frozen_data,
-    splits_sha256,
 )
 from rankkit.tasks.transformer import (
     LanguageModeling,
@@ -240,8 +239,6 @@ class CodeTask(Task):
         "2-layer transformer LM-pretrained on Python's standard library (frozen copy), "
         "fine-tuned to fill in a blanked-out token"
     )
-    metric_name = "accuracy"
-    head_modules = ["head"]  # noqa: RUF012
     default_hparams = {  # noqa: RUF012
         # Seed 0, val accuracy: full fine-tuning 0.71 / 0.76 / 0.76 / 0.79 at lr 1e-3 and
         # 3e-3 for 10 and 20 epochs; LoRA r = 8 on all-linear 0.77 at 1e-2, 0.66 at 3e-2.
@@ -318,12 +315,7 @@ class CodeTask(Task):
                 f"from {n_files['train']}/{n_files['val']}/{n_files['test']} other files"
             ),
         }
-        save_frozen_data(self.name, payload, fields)
-        code_data.cache_clear()  # read back what was written, as every later run will
-        vocabulary.cache_clear()
-        _code_splits.cache_clear()
-        fields["splits_sha256"] = splits_sha256(self.splits())
-        return save_frozen_data(self.name, payload, fields)
+        return freeze_task_data(self, payload, fields, (code_data, vocabulary, _code_splits))
 
     def pretrain(self, seed: int = 0, progress: bool = True, device: str = "cpu"):
         """Pretrain the language model; return ``(state, manifest_fields)``."""

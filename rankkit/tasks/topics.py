@@ -65,9 +65,8 @@ from rankkit.checkpoints import CheckpointError
 from rankkit.tasks.base import (
     Task,
     base_metadata,
+    freeze_task_data,
     load_frozen_data,
-    save_frozen_data,
-    splits_sha256,
 )
 from rankkit.tasks.transformer import (
     LanguageModeling,
@@ -312,11 +311,7 @@ class TopicsTask(Task):
                 "pretraining tokens"
             ),
         }
-        save_frozen_data(self.name, payload, fields)
-        topic_data.cache_clear()  # read back what was written, as every later run will
-        _topic_splits.cache_clear()
-        fields["splits_sha256"] = splits_sha256(self.splits())
-        return save_frozen_data(self.name, payload, fields)
+        return freeze_task_data(self, payload, fields, (topic_data, _topic_splits))
 
     def pretrain(self, seed: int = 0, progress: bool = True, device: str = "cpu"):
         """Pretrain the language model; return ``(state, manifest_fields)``."""
