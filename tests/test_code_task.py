@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from rankkit.stats import compare_accuracies, compare_seeds
 from rankkit.sweep import rank_for_gain, rank_for_gain_interval
 from rankkit.tasks import code as code_module
 from rankkit.tasks import get_task, read_manifest
-from rankkit.tasks.base import data_dir, load_base_weights, splits_sha256
+from rankkit.tasks.base import load_base_weights, splits_sha256
 from rankkit.tasks.code import (
     BLANK_OFFSET,
     CLASSES,
@@ -37,20 +36,7 @@ from rankkit.train import fit
 BLANK = WINDOW - 1 - BLANK_OFFSET  # position of <mask> in every window
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def data_copy(tmp_path, monkeypatch):
-    """A private copy of data/ that the tasks read instead of the real one."""
-    shutil.copytree(data_dir(), tmp_path / "data")
-    monkeypatch.setenv("RANKKIT_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path / "data"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _clear_caches():

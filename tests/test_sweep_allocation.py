@@ -46,12 +46,7 @@ DIGITS = {"fc1": (256, 64), "fc2": (256, 256)}  # (out, in) of the digits MLP's 
 UNIT = sum(m + n for m, n in DIGITS.values())  # 832 parameters per unit of uniform rank
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(shapes, scales, seed=0):

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import socket
 import subprocess
 import sys
@@ -44,14 +43,7 @@ from rankkit.tasks.topics import (
 SHIPPED = ["digits", "topics", "code"]  # tasks whose base weights live in data/
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and the test machine may be shared
-    (several processes each spinning two OpenMP threads on two cores run ~10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- registry
@@ -132,14 +124,6 @@ def test_digits_base_was_pretrained_on_upright_digits_0_to_4():
     entry = read_manifest()["digits"]
     assert entry["config"]["pretrain_classes"] == 5
     assert entry["metric"]["upright_0_4_test_accuracy"] > 0.95
-
-
-@pytest.fixture
-def data_copy(tmp_path, monkeypatch):
-    """A private copy of data/ that the tasks read instead of the real one."""
-    shutil.copytree(data_dir(), tmp_path / "data")
-    monkeypatch.setenv("RANKKIT_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path / "data"
 
 
 def test_checksum_mismatch_names_the_rebuild_command(data_copy):
