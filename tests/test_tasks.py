@@ -244,7 +244,7 @@ def test_topics_transformer_roles_and_size():
 def test_digits_splits_are_disjoint_rotated_and_stratified():
     splits = get_task("digits").splits()
     assert {k: len(v) for k, v in splits.items()} == {"train": 539, "val": 180, "test": 180}
-    pre_x, _, ft_x, _ = digits_module._halves()
+    pre_x, _, ft_x, _ = digits_module.digit_halves()
     rotated = digits_module.rotate90(ft_x).reshape(len(ft_x), -1)
     rotated_rows = {tuple(row) for row in rotated.round(4)}
     rows = {s: [tuple(r) for r in v.tensors[0].numpy().round(4)] for s, v in splits.items()}
@@ -254,7 +254,7 @@ def test_digits_splits_are_disjoint_rotated_and_stratified():
     # Pretraining used the other half: (almost) none of its upright images is rotated here.
     upright_ft = {tuple(row) for row in ft_x.reshape(len(ft_x), -1).round(4)}
     assert sum(tuple(row) in upright_ft for row in pre_x.reshape(len(pre_x), -1).round(4)) <= 2
-    pre = digits_module._pretrain_splits()
+    pre = digits_module.UprightDigitsTask().splits()
     assert set(pre["train"].tensors[1].tolist()) == {0, 1, 2, 3, 4}
     for split in splits.values():
         assert set(split.tensors[1].tolist()) == set(range(10))

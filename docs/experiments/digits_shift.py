@@ -30,25 +30,25 @@ torch.set_num_threads(1)
 def variant(hidden: int, degrees: int, pretrain_classes: int) -> D.DigitsTask:
     """The digits task with another width, rotation and pretraining label set."""
 
-    class Pretext(D._UprightDigits):
+    class Pretext(D.UprightDigitsTask):
         def _make_model(self):
             return D.DigitsMLP(hidden=hidden, n_classes=pretrain_classes)
 
         def splits(self):
-            x, y, _, _ = D._halves()
+            x, y, _, _ = D.digit_halves()
             keep = y < pretrain_classes
-            return D._three_way(x[keep], y[keep], fractions=(0.8, 0.1, 0.1))
+            return D.stratified_splits(x[keep], y[keep], fractions=(0.8, 0.1, 0.1))
 
     pretext = Pretext()
     model = pretext.build_model(pretrained=False, seed=0)
     fit(model, pretext, seed=0, progress=False, device="cpu")
     body = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-    _, _, x, y = D._halves()
+    _, _, x, y = D.digit_halves()
     if degrees == 90:
         x = D.rotate90(x)
     elif degrees:
         x = rotate(x, degrees, axes=(1, 2), reshape=False, order=1).clip(0, 1)
-    splits = D._three_way(x.astype(np.float32), y)
+    splits = D.stratified_splits(x.astype(np.float32), y)
 
     class Variant(D.DigitsTask):
         def _make_model(self):

@@ -73,7 +73,12 @@ def rotate90(images: np.ndarray) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _halves() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def digit_halves() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The two disjoint halves of ``load_digits``: ``(x_pre, y_pre, x_ft, y_ft)``.
+
+    Images are ``(n, 8, 8)`` in [0, 1], upright; a fixed permutation (seed 0) splits them,
+    so nothing the base is pretrained on appears in fine-tuning.
+    """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -84,7 +89,9 @@ def _halves() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return images[pre], digits.target[pre], images[ft], digits.target[ft]
 
 
-def _three_way(x: np.ndarray, y: np.ndarray, fractions=(0.6, 0.2, 0.2)) -> dict[str, TensorDataset]:
+def stratified_splits(
+    x: np.ndarray, y: np.ndarray, fractions=(0.6, 0.2, 0.2)
+) -> dict[str, TensorDataset]:
     """Stratified, deterministic train / val / test split."""
     from sklearn.model_selection import train_test_split
 
@@ -108,15 +115,15 @@ def _three_way(x: np.ndarray, y: np.ndarray, fractions=(0.6, 0.2, 0.2)) -> dict[
 
 @lru_cache(maxsize=1)
 def _finetune_splits() -> dict[str, TensorDataset]:
-    _, _, x, y = _halves()
-    return _three_way(rotate90(x), y)
+    _, _, x, y = digit_halves()
+    return stratified_splits(rotate90(x), y)
 
 
 @lru_cache(maxsize=1)
 def _pretrain_splits() -> dict[str, TensorDataset]:
-    x, y, _, _ = _halves()
+    x, y, _, _ = digit_halves()
     keep = y < PRETRAIN_CLASSES
-    return _three_way(x[keep], y[keep], fractions=(0.8, 0.1, 0.1))
+    return stratified_splits(x[keep], y[keep], fractions=(0.8, 0.1, 0.1))
 
 
 class DigitsTask(Task):
@@ -159,7 +166,7 @@ class DigitsTask(Task):
 
     def pretrain(self, seed: int = 0, progress: bool = True, device: str = "cpu"):
         """Train the base on upright digits 0-4; return ``(body_state, manifest_fields)``."""
-        pretext = _UprightDigits()
+        pretext = UprightDigitsTask()
         model = pretext.build_model(pretrained=False, seed=seed)
         result = fit(model, pretext, seed=seed, progress=progress, device=device)
         # The base's own head is dropped: fine-tuning always starts a new one.
@@ -177,7 +184,7 @@ class DigitsTask(Task):
         }
 
 
-class _UprightDigits(DigitsTask):
+class UprightDigitsTask(DigitsTask):
     """The pretraining objective: classify upright digits 0-4 of the other half."""
 
     name = "digits-pretrain"
