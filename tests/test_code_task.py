@@ -203,6 +203,23 @@ def test_the_recorded_code_d90_says_what_docs_intrinsic_md_says():
 
     assert compare_seeds(at(finetune, 1000), at(scratch, 1000)).sign == 1
 
+    # With the head trained directly (d counts the body): 548 against 1,000 again, and
+    # from scratch at d = 10,000 the subspace beats full fine-tuning's own baseline.
+    head_ft = IntrinsicDimensionResult.load(records / "code-intrinsic-trainhead-finetune")
+    head_scratch = IntrinsicDimensionResult.load(records / "code-intrinsic-trainhead-scratch")
+    assert (head_ft.d90, head_scratch.d90) == (548, 1000)
+    assert head_scratch.d90 < 5 * head_ft.d90
+    assert at(head_scratch, 10000).mean() > finetune.baseline
+
+
+def test_the_40_epoch_code_sweep_says_what_docs_sweeps_md_says():
+    """Twice the epochs for every run: the 90% intervals stay wider than one grid step."""
+    results = pd.read_csv(RECORD.parent / "code-sweep-40-epochs.csv")
+    assert rank_for_gain_interval(results, 0.8, "all-linear") == (2, 4)
+    assert rank_for_gain_interval(results, 0.9, "all-linear") == (4, 64)
+    assert rank_for_gain_interval(results, 0.9, "q,v") == (16, float("inf"))
+    assert rank_for_gain(results, 0.9, "q,v") is None
+
 
 @pytest.mark.slow
 def test_pretrain_code_reproduces_the_shipped_base(tmp_path):
