@@ -211,6 +211,17 @@ def test_the_recorded_code_d90_says_what_docs_intrinsic_md_says():
     assert head_scratch.d90 < 5 * head_ft.d90
     assert at(head_scratch, 10000).mean() > finetune.baseline
 
+    # More language-model pretraining (1 / 4 / 8 epochs): a higher full-FT bar and a d90
+    # that rises rather than falls; at d = 1,000 the bases are within noise, and at
+    # d = 300 the 1-epoch base is ahead of the shipped one.
+    one, eight = (
+        IntrinsicDimensionResult.load(records / f"code-intrinsic-pretrain-{e}") for e in (1, 8)
+    )
+    assert one.baseline < finetune.baseline < eight.baseline
+    assert (one.d90, finetune.d90, eight.d90) == (300, 548, 1000)
+    assert compare_seeds(at(eight, 1000), at(one, 1000)).sign == 0
+    assert compare_seeds(at(one, 300), at(finetune, 300)).sign == 1
+
 
 def test_the_40_epoch_code_sweep_says_what_docs_sweeps_md_says():
     """Twice the epochs for every run: the 90% intervals stay wider than one grid step."""
