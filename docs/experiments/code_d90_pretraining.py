@@ -1,9 +1,10 @@
 """Does longer language-model pretraining lower the fine-tuning d90 on ``code``?
 
-Aghajanyan et al. (2020, section 5) track the intrinsic dimension of fine-tuning through
-pretraining and find that it falls as pretraining goes on. This script asks the same of
-``code``: it pretrains the task's language model for ``E`` epochs (the task's recipe, seed
-0; the shipped base has 4) and measures the fine-tuning d90 from that base exactly as
+Aghajanyan et al. (2020) track the intrinsic dimension of fine-tuning through pretraining
+and find that it falls as pretraining goes on ("pre-training implicitly minimizes
+intrinsic dimension"). This script asks the same of ``code``: it pretrains the task's
+language model for ``E`` epochs (the task's recipe, seed 0; the shipped base has 4) and
+measures the fine-tuning d90 from that base exactly as
 ``docs/intrinsic.md`` does for the shipped one (fastfood / DID, subspace lr 0.1 at
 d = 1,000 scaled as sqrt(1000 / d), seeds 0-2, the task's 20 epochs, head in the subspace,
 each base's own full fine-tuning as the baseline). Epochs 0 is training from scratch.
