@@ -7,7 +7,8 @@ language model for ``E`` epochs (the task's recipe, seed 0; the shipped base has
 measures the fine-tuning d90 from that base exactly as
 ``docs/intrinsic.md`` does for the shipped one (fastfood / DID, subspace lr 0.1 at
 d = 1,000 scaled as sqrt(1000 / d), seeds 0-2, the task's 20 epochs, head in the subspace,
-each base's own full fine-tuning as the baseline). Epochs 0 is training from scratch.
+each base's own full fine-tuning as the baseline). No pretraining at all is the
+``--from-scratch`` record of ``docs/intrinsic.md``.
 
     python docs/experiments/code_d90_pretraining.py 1 --out runs/intrinsic/code-pretrain-1
 """
@@ -39,6 +40,8 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[100, 300, 1000, 3000])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error("epochs must be >= 1; no pretraining is the --from-scratch record")
     torch.set_num_threads(1)
     task = CodeWithBase(args.epochs)
     print(f"base after {args.epochs} epochs: {json.dumps(task.base_fields['metric'])}", flush=True)
