@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import rankkit
-from rankkit.spectra import _compute_dtype
+from rankkit.spectra import svd_dtype
 
 
 class Block(nn.Module):
@@ -61,7 +61,7 @@ def floor(base: nn.Module, tuned: nn.Module, tall: bool = False) -> None:
         if w.ndim == 2:
             by_shape.setdefault(tuple(w.shape), []).extend([w - sd_b[k], w])
     for shape, mats in by_shape.items():
-        stack = torch.stack(mats).to(_compute_dtype(shape))
+        stack = torch.stack(mats).to(svd_dtype(shape))
         torch.linalg.svdvals(stack.mT if tall and shape[0] < shape[1] else stack)
 
 

@@ -116,13 +116,18 @@ def _as_matrix(M: Any, name: str = "matrix", check_finite: bool = True) -> torch
     return M
 
 
-def _compute_dtype(shape: tuple[int, int]) -> torch.dtype:
+def svd_dtype(shape: tuple[int, int]) -> torch.dtype:
+    """The dtype rankkit computes the SVD of an ``m x n`` matrix in.
+
+    float64 when ``m * n <= FLOAT64_MAX_ENTRIES``, float32 above: see the comment at
+    ``FLOAT64_MAX_ENTRIES``. bf16 / fp16 inputs are always upcast to one of the two.
+    """
     return torch.float64 if shape[0] * shape[1] <= FLOAT64_MAX_ENTRIES else torch.float32
 
 
 def _svdvals(stack: torch.Tensor) -> torch.Tensor:
     """Batched singular values in the policy dtype (float64 small, float32 large)."""
-    dtype = _compute_dtype(tuple(stack.shape[-2:]))
+    dtype = svd_dtype(tuple(stack.shape[-2:]))
     if stack.device.type == "mps" and dtype == torch.float64:
         stack = stack.cpu()  # MPS has no float64
     if stack.shape[-2] < stack.shape[-1]:
@@ -414,7 +419,7 @@ def random_singular_values(
     """
     shape = _check_shape(shape)
     gen = torch.Generator().manual_seed(seed)
-    Z = torch.randn(shape, generator=gen, dtype=_compute_dtype(shape))
+    Z = torch.randn(shape, generator=gen, dtype=svd_dtype(shape))
     s = torch.linalg.svdvals(Z).to(torch.float64).numpy()
     if norm is not None:
         if not norm >= 0:
@@ -494,7 +499,7 @@ def batched_singular_values(
         by_shape.setdefault(tuple(M.shape), []).append(name)
     out = {}
     for shape, names in by_shape.items():
-        dtype = _compute_dtype(shape)
+        dtype = svd_dtype(shape)
         stack = torch.stack([mats[n].to(device=device, dtype=dtype) for n in names])
         s = _svdvals(stack).cpu().to(torch.float64).numpy()
         out.update(zip(names, s))
