@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rankkit.methods import method_lr
 from rankkit.tasks import get_task, list_tasks
 from rankkit.tasks.code import BLANK_OFFSET, CLASSES, MASK_TOKEN, WINDOW, code_data, vocabulary
 from rankkit.tasks.minilm import MiniLMCodeTask, render_code
@@ -51,6 +52,13 @@ def test_rendered_windows_keep_the_code_tasks_labels_and_put_the_blank_at_its_pl
             before, after = text.split("@MASK@")  # exactly one blank, else this unpacking fails
             assert before.strip() == render_code(ids[:BLANK], "@MASK@")
             assert after.strip() == render_code(ids[BLANK + 1 :], "@MASK@")
+
+
+def test_lora_trains_at_its_own_rate_and_the_other_settings_are_minilms():
+    task = get_task("minilm-code")
+    hp = dict(task.default_hparams)
+    assert method_lr(task, "lora") == hp.pop("lora_lr") > hp["lr"]  # not full fine-tuning's 5e-4
+    assert hp == get_task("minilm").default_hparams
 
 
 def test_a_tokenizer_without_a_mask_token_is_refused_with_the_fix():

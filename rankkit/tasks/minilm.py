@@ -315,6 +315,7 @@ class MiniLMCodeTask(MiniLMTask):
     )
     data_from = "code"
     max_tokens = 128
+    default_hparams = {**MiniLMTask.default_hparams, "lora_lr": 1e-2}  # noqa: RUF012
 
     @property
     def classes(self) -> tuple[str, ...]:
