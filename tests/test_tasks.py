@@ -11,8 +11,10 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rankkit.checkpoints import CheckpointError, sha256_file
@@ -120,10 +122,11 @@ def test_topics_vocabulary_comes_from_the_verified_base_file():
     assert _corpus_vocabulary().tokens == stored
 
 
-def test_digits_base_was_pretrained_on_upright_digits_0_to_4():
+def test_digits_base_was_pretrained_to_name_both_digits_of_a_pair():
     entry = read_manifest()["digits"]
-    assert entry["config"]["pretrain_classes"] == 5
-    assert entry["metric"]["upright_0_4_test_accuracy"] > 0.95
+    assert entry["config"] == {"hidden": 256, "n_inputs": 128, "pretrain_outputs": 20}
+    # Both digits right on 1,000 held-out pairs of images the base never trained on.
+    assert entry["metric"]["both_digits_test_accuracy"] > 0.9
 
 
 def test_checksum_mismatch_names_the_rebuild_command(data_copy):
@@ -241,24 +244,60 @@ def test_topics_transformer_roles_and_size():
 # --------------------------------------------------------------------------- data
 
 
-def test_digits_splits_are_disjoint_rotated_and_stratified():
+def test_digits_pairs_are_built_from_disjoint_image_pools():
     splits = get_task("digits").splits()
-    assert {k: len(v) for k, v in splits.items()} == {"train": 539, "val": 180, "test": 180}
-    pre_x, _, ft_x, _ = digits_module.digit_halves()
-    rotated = digits_module.rotate90(ft_x).reshape(len(ft_x), -1)
-    rotated_rows = {tuple(row) for row in rotated.round(4)}
-    rows = {s: [tuple(r) for r in v.tensors[0].numpy().round(4)] for s, v in splits.items()}
-    for split_rows in rows.values():
-        assert set(split_rows) <= rotated_rows  # fine-tuning sees rotated images only
-    assert not set(rows["train"]) & set(rows["test"])
-    # Pretraining used the other half: (almost) none of its upright images is rotated here.
-    upright_ft = {tuple(row) for row in ft_x.reshape(len(ft_x), -1).round(4)}
-    assert sum(tuple(row) in upright_ft for row in pre_x.reshape(len(pre_x), -1).round(4)) <= 2
-    pre = digits_module.UprightDigitsTask().splits()
-    assert set(pre["train"].tensors[1].tolist()) == {0, 1, 2, 3, 4}
-    for split in splits.values():
-        assert set(split.tensors[1].tolist()) == set(range(10))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 3000, "val": 1000, "test": 1000}
+    pre_x, _, ft_x, ft_y = digits_module.digit_halves()
+
+    def halves_of(inputs):  # the left and right 8x8 images of each flattened 8x16 pair
+        pairs = inputs.numpy().reshape(len(inputs), 8, 16)
+        return [pairs[:, :, :8], pairs[:, :, 8:]]
+
+    def keys(images):
+        return {im.round(4).tobytes() for im in images}
+
+    ft_images = {im.round(4).tobytes(): label for im, label in zip(ft_x, ft_y)}
+    used = {}
+    for split, data in splits.items():
+        inputs, labels = data.tensors
+        left, right = halves_of(inputs)
+        # Every half is a fine-tuning image, and the label is the sum of its digits mod 10.
+        digits = [[ft_images[im.round(4).tobytes()] for im in side] for side in (left, right)]
+        assert torch.equal(labels, torch.tensor((np.add(*digits)) % 10))
+        assert set(labels.tolist()) == set(range(10))
+        used[split] = keys(left) | keys(right)
+    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not used[a] & used[b]  # pairs of a split come from its own pool of images
+    # The base saw the other half (sklearn's digits hold a few exact duplicates).
+    pretrain_inputs = digits_module.DigitPairsTask().splits()["train"].tensors[0]
+    assert len(set().union(*map(keys, halves_of(pretrain_inputs))) & used["test"]) <= 2
+    assert len(keys(pre_x) & keys(ft_x)) <= 2
     assert splits is get_task("digits").splits()  # built once, deterministic
+
+
+def test_digits_pretext_scores_a_pair_only_when_both_digits_are_right():
+    task = digits_module.DigitPairsTask()
+    inputs, digits = task.splits()["val"].tensors
+
+    digits_of = {row.tobytes(): d for row, d in zip(inputs.numpy(), digits)}
+
+    class Oracle(nn.Module):  # reads both digits off the data; ``wrong`` spoils the right one
+        def __init__(self, wrong):
+            super().__init__()
+            self.wrong, self.dummy = wrong, nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            rows = torch.stack([digits_of[row.tobytes()] for row in x.numpy()])
+            right = (rows[:, 1] + 1) % 10 if self.wrong else rows[:, 1]
+            return torch.cat([F.one_hot(rows[:, 0], 10), F.one_hot(right, 10)], 1).float()
+
+    assert task.evaluate(Oracle(False), "val") == 1.0
+    assert task.evaluate(Oracle(True), "val") == 0.0
+    logits = Oracle(False)(inputs[:8])
+    assert task.loss(Oracle(False), (inputs[:8], digits[:8])) < task.loss(
+        Oracle(True), (inputs[:8], digits[:8])
+    )
+    assert logits.shape == (8, 20)
 
 
 def test_topics_passages_are_split_without_overlap():

@@ -5,8 +5,8 @@ LoRA's claim -- the weight update ``ΔW`` of adapting a *pretrained* model to a
 here ships one, small enough for a laptop CPU:
 
 ``digits`` (default)
-    An MLP pretrained on upright 8x8 digits, fine-tuned on digits rotated by
-    90 degrees (:mod:`rankkit.tasks.digits`).
+    An MLP pretrained to name both digits of a pair of 8x8 digits, fine-tuned
+    to predict their sum mod 10 (:mod:`rankkit.tasks.digits`).
 ``topics``
     A 1.07M-parameter transformer pretrained as a language model on the Python
     reference that ships with Python (``pydoc_data.topics``), fine-tuned to tell
