@@ -39,6 +39,7 @@ from rankkit.lora import LoraConfig, apply_lora
 from rankkit.projections import DEFAULT_MAX_DENSE_BYTES
 from rankkit.subspace import SubspaceModel
 from rankkit.tasks import Task, get_task
+from rankkit.tasks.base import roles_by_suffix
 from rankkit.train import TrainResult, fit, set_seed
 from rankkit.utils import check_choice, within
 
@@ -169,7 +170,9 @@ def prepare_run(
         for name, p in model.named_parameters():
             p.requires_grad_(not any(within(name, e) for e in exclude))
     elif method == "lora":
-        apply_lora(model, lora_config, roles=getattr(task, "roles", None))
+        # A model from ``model_fn`` need not be the task's own, so name its roles from itself.
+        roles = getattr(task, "roles", None) if model_fn is None else roles_by_suffix(model)
+        apply_lora(model, lora_config, roles=roles)
     else:
         run.model = SubspaceModel(
             model, d, projection=projection, mode=mode, exclude=exclude, seed=seed,

@@ -547,3 +547,27 @@ def test_minilm_rejects_a_model_path_that_is_not_a_directory(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         get_task("minilm", model=tmp_path / "weights.bin").build_model()
+
+
+def test_lora_on_a_model_from_model_fn_needs_no_make_model():
+    """A task that only supplies models through ``model_fn`` still gets LoRA by role name."""
+    from rankkit.lora import LoraConfig
+    from rankkit.methods import prepare_run
+
+    class OnlyData(Task):  # no _make_model: Task.roles could not be computed
+        name = "only-data"
+        head_modules = ["head"]  # noqa: RUF012
+
+        def splits(self):
+            return get_task("digits").splits()
+
+    def build(pretrained, seed):
+        torch.manual_seed(seed)
+        return digits_module.DigitsMLP(hidden=16)
+
+    config = LoraConfig(r=2, target_modules=["fc2"], modules_to_save=["head"])
+    run = prepare_run(OnlyData(), "lora", 0, lora_config=config, model_fn=build)
+    trainable = {n for n, p in run.model.named_parameters() if p.requires_grad}
+    assert {n.split(".lora_")[0] for n in trainable if "lora_" in n} == {"fc2"}
+    assert any(n.startswith("head") for n in trainable)
+    assert not any(n.startswith("fc1") for n in trainable)

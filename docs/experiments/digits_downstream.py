@@ -188,9 +188,6 @@ class Downstream(Task):
     metric_name = "accuracy"
     head_modules = ["head"]  # noqa: RUF012
     default_hparams = DigitsTask.default_hparams
-    # Task.roles would build the model through Task's private hook; the models here come
-    # from ``builder`` instead, and LoRA targets them by module name (fc1, fc2).
-    roles = {}  # noqa: RUF012
 
     def __init__(self, design: str, n_train: int = SIZES["train"]) -> None:
         self.name = f"digits-{design}"

@@ -389,7 +389,7 @@ class Task:
         last component of each module name, so PEFT-style suffix targeting and
         role targeting select the same modules.
         """
-        return _roles_by_suffix(self._meta_model())
+        return roles_by_suffix(self._meta_model())
 
     def num_parameters(self) -> int:
         """Parameter count of the fine-tuning model (computed without allocating it)."""
@@ -500,7 +500,8 @@ class Task:
         return f"<Task {self.name!r}: {self.description}>"
 
 
-def _roles_by_suffix(model: nn.Module) -> dict[str, list[str]]:
+def roles_by_suffix(model: nn.Module) -> dict[str, list[str]]:
+    """``role -> [module names]`` of every ``nn.Linear`` of ``model``, keyed by the name's last part."""
     roles: dict[str, list[str]] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
