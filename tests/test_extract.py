@@ -432,18 +432,21 @@ def test_cli_extract_task_evaluates_each_budget_three_ways_next_to_the_baselines
 
     out = tmp_path / "digits"
     threads = torch.get_num_threads()  # --threads 1 sets it for the whole process
-    assert main(["extract", "--task", "digits", "--budgets", "832,2000", "--seeds", "0,1",
+    assert main(["extract", "--task", "digits", "--budgets", "896,2000", "--seeds", "0,1",
                  "--out", str(out), "--threads", "1"]) == 0  # fmt: skip
     torch.set_num_threads(threads)
     table = pd.read_csv(out / "extraction.csv")
     assert (out / "digits_extraction_budget_vs_quality.png").stat().st_size > 0
-    head = 256 * 10 + 10  # digits' head, copied in full
+    model = rankkit.get_task("digits").build_model(pretrained=False)
+    head = sum(p.numel() for p in model.head.parameters())  # copied in full
+    unit = sum(m.in_features + m.out_features for m in (model.fc1, model.fc2))  # one rank in each
+    assert head == 2570 and unit == 896  # fc1 256x128 and fc2 256x256: rank 1 costs 896
     lora = table[table["budget"].notna()]
     assert set(lora["allocation"]) == {"uniform", "energy", "budget"}
     assert ((lora["parameters"] - head) <= lora["budget"]).all()
-    # fc1 (256x64) and fc2 (256x256): uniform rank 1 costs 832, so 2000 buys rank 2.
+    # Uniform rank 1 costs 896, so 2000 buys rank 2.
     uniform = lora[(lora["allocation"] == "uniform") & (lora["seed"] == 0)].set_index("budget")
-    assert uniform.loc[832, "parameters"] == 832 + head
+    assert uniform.loc[896, "parameters"] == unit + head
     assert uniform.loc[2000, "ranks"] == "fc1:2 fc2:2"
     baselines = table[table["budget"].isna() & (table["seed"] == 0)].set_index("allocation")
     assert baselines.loc["frozen base", "parameters"] == head
@@ -455,10 +458,13 @@ def test_cli_extract_task_evaluates_each_budget_three_ways_next_to_the_baselines
     ceiling = baselines.loc["all of ΔW"]  # every adapted ΔW at full rank: all its energy
     assert ceiling["kept_fraction"] == pytest.approx(1.0, abs=1e-9)
     # At most the full ranks (a singular value holding < 1e-12 of the energy may be dropped).
-    assert ceiling["parameters"] <= 64 * (256 + 64) + 256 * (256 + 256) + head
+    full_rank = sum(
+        min(m.weight.shape) * (m.in_features + m.out_features) for m in (model.fc1, model.fc2)
+    )
+    assert ceiling["parameters"] <= full_rank + head
     # The printed verdicts follow from the CSV: paired differences and a t-test.
     printed = capsys.readouterr().out
-    for budget in (832, 2000):
+    for budget in (896, 2000):
         for name in ("energy", "budget"):
             part = lora[lora["budget"] == budget].pivot(index="seed", columns="allocation",
                                                         values="test_accuracy")  # fmt: skip
