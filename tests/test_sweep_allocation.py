@@ -42,8 +42,8 @@ from rankkit.sweep.store import Claims, claim_directory
 from rankkit.tasks import get_task
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
-DIGITS = {"fc1": (256, 64), "fc2": (256, 256)}  # (out, in) of the digits MLP's layers
-UNIT = sum(m + n for m, n in DIGITS.values())  # 832 parameters per unit of uniform rank
+DIGITS = {"fc1": (256, 128), "fc2": (256, 256)}  # (out, in) of the digits MLP's layers
+UNIT = sum(m + n for m, n in DIGITS.values())  # 896 parameters per unit of uniform rank
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,10 +141,10 @@ def test_the_sweep_reuses_a_pilot_with_its_recipe_and_allocates_from_its_spectra
     lines.clear()
     patterns = spectral_rank_patterns(config, tmp_path, log=lines.append)
     assert "reusing the pilot" in lines[0]
-    assert patterns["all-linear", 2] == {"fc2": 3}  # 1,664 parameters: 3 units of fc2 (1,536)
-    assert patterns["all-linear", 8] == {"fc2": 13}  # 6,656: 13 units of fc2 (6,656)
+    assert patterns["all-linear", 2] == {"fc2": 3}  # 1,792 parameters: 3 units of fc2 (1,536)
+    assert patterns["all-linear", 8] == {"fc2": 14}  # 7,168: 14 units of fc2 (7,168)
     runs = [r for r in plan_runs(config, patterns) if r.method == "lora-spectral"]
-    assert [(r.rank, r.rank_pattern) for r in runs] == [(2, (("fc2", 3),)), (8, (("fc2", 13),))]
+    assert [(r.rank, r.rank_pattern) for r in runs] == [(2, (("fc2", 3),)), (8, (("fc2", 14),))]
     # A different recipe (more epochs) trains the pilot again.
     lines.clear()
     pilot_finetune(dataclasses.replace(config, epochs=2), tmp_path, log=lines.append)
@@ -293,7 +293,7 @@ def results_table(uniform, spectral, patterns=("fc1:4 fc2:4", "fc1:2 fc2:5")):
     ):
         for seed, value in enumerate(values):
             rows.append(dict(method=method, targets="all-linear", rank=4, seed=seed, status="ok",
-                             test_metric=value, rank_pattern=pattern, adapter_params=3328))  # fmt: skip
+                             test_metric=value, rank_pattern=pattern, adapter_params=3584))  # fmt: skip
     return pd.DataFrame(rows)
 
 
@@ -379,8 +379,10 @@ def test_plan_runs_refuses_spectral_allocation_without_a_pilot():
 
 @pytest.mark.skipif(not HAS_PEFT, reason="the rank check runs after the peft check")
 def test_adalora_initial_ranks_must_fit_the_layers():
-    with pytest.raises(ValueError, match=r"AdaLoRA starts rank\(s\) \[64\] at \[96\]"):
-        check_sweep_can_run(SweepConfig(ranks=[4, 64], adalora=True).validated())
+    # Rank 100 fits fc1 (min(256, 128) = 128) as LoRA, but AdaLoRA would start it at 150.
+    check_sweep_can_run(SweepConfig(ranks=[4, 100]).validated())
+    with pytest.raises(ValueError, match=r"AdaLoRA starts rank\(s\) \[100\] at \[150\]"):
+        check_sweep_can_run(SweepConfig(ranks=[4, 100], adalora=True).validated())
 
 
 def test_adalora_without_peft_names_the_extra(monkeypatch):
@@ -404,6 +406,6 @@ def test_the_command_line_reports_a_misspelt_allocation(capsys, tmp_path):
     assert main(["sweep", "--allocation", "spectral", "--targets", "fc1", *out]) == 1
     assert "adapt one layer (fc1)" in capsys.readouterr().err
     if HAS_PEFT:
-        assert main(["sweep", "--adalora", "--ranks", "64", *out]) == 1
-        assert "AdaLoRA starts rank(s) [64] at [96]" in capsys.readouterr().err
+        assert main(["sweep", "--adalora", "--ranks", "100", *out]) == 1
+        assert "AdaLoRA starts rank(s) [100] at [150]" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything is written
