@@ -498,31 +498,69 @@ def _task_available(name: str) -> bool:
 
 @pytest.mark.slow
 def test_digits_from_scratch_small_d_fails_large_d_succeeds():
-    problem = TaskProblem("digits", from_scratch=True, epochs=15, device="cpu")
+    # 0.1 at d = 1000, scaled as sqrt(1000 / d): the rule docs/intrinsic.md measures digits with.
+    problem = TaskProblem(
+        "digits", from_scratch=True, epochs=15, subspace_lr=0.1, lr_ref_d=1000, device="cpu"
+    )
     baseline = problem.train_full(0)
-    assert baseline > 0.9
-    small = problem.train_subspace(5, 0, projection="fastfood")
-    large = problem.train_subspace(2000, 0, projection="fastfood")
-    assert small < 0.5 * baseline  # 5 directions cannot classify rotated digits
-    assert large > 0.9 * baseline
+    assert baseline > 0.7  # measured 0.777 (10 classes: chance is 0.1)
+    small = problem.train_subspace(10, 0, projection="fastfood")
+    large = problem.train_subspace(30_000, 0, projection="fastfood")
+    assert small < 0.5 * baseline  # measured 0.116: 10 directions cannot add digits
+    assert large > 0.9 * baseline  # measured 0.764
 
 
 @pytest.mark.slow
 def test_digits_projections_agree_within_seed_noise():
-    problem = TaskProblem("digits", from_scratch=True, epochs=15, device="cpu")
+    # Fastfood against the sparse projection on the real task. The dense one agrees too
+    # (0.444 at seed 0, docs/intrinsic.md) but costs O(D d) per step, about 4-8x a
+    # Fastfood run at d = 1000: the toy tests check it exactly instead (d90 = 10).
+    problem = TaskProblem("digits", epochs=15, subspace_lr=0.1, device="cpu")
     runs = {
-        name: [problem.train_subspace(200, seed, projection=name) for seed in (0, 1)]
-        for name in PROJECTIONS
+        name: [problem.train_subspace(1000, seed, projection=name) for seed in (0, 1)]
+        for name in ("fastfood", "sparse")
     }
     means = {name: float(np.mean(v)) for name, v in runs.items()}
-    # Seed-to-seed std at d = 200 is about 0.015 (docs/intrinsic.md), so means of
-    # two seeds differ by more than 0.06 only if a projection is really different.
-    assert max(means.values()) - min(means.values()) < 0.06, runs
-    assert min(means.values()) > 0.8, runs  # and all of them actually train
+    # Measured (seeds 0, 1): fastfood 0.450, 0.439; sparse 0.465, 0.428. Seed-to-seed std
+    # at d = 1000 is about 0.02, so means of two seeds differ by more than 0.06 (three
+    # standard errors) only if a projection is really different.
+    assert abs(means["fastfood"] - means["sparse"]) < 0.06, runs
+    assert min(means.values()) > 0.3, runs  # and both train (chance is 0.1)
+
+
+def test_the_recorded_digits_d90_says_what_docs_intrinsic_md_says():
+    """docs/intrinsic.md's digits verdicts, recomputed from the recorded curves."""
+    from pathlib import Path
+
+    from rankkit.stats import compare_seeds
+
+    records = Path(__file__).resolve().parents[1] / "docs" / "records"
+    ft = IntrinsicDimensionResult.load(records / "digits-intrinsic-finetune")
+    sc = IntrinsicDimensionResult.load(records / "digits-intrinsic-scratch")
+    assert ft.D == sc.D == 101_386
+    assert (ft.d90, ft.d90_bracket) == (10_000, (5477, 10_000))
+    assert (sc.d90, sc.d90_bracket) == (17_321, (10_000, 17_321))
+    # Both bracketed below the largest d tried, and only 1.7x apart: the per-seed ranges
+    # overlap, far from Aghajanyan et al.'s large drop.
+    assert max(ft.curve["d"]) > ft.d90 and max(sc.curve["d"]) > sc.d90
+    assert sc.d90 / ft.d90 == pytest.approx(1.73, abs=0.01)
+    assert max(ft.d90_per_seed.values()) >= min(sc.d90_per_seed.values())
+    # Training from scratch has the lower baseline, so the lower bar.
+    assert sc.baseline < ft.baseline
+
+    def at(result, d):
+        return result.curve.loc[result.curve["d"] == d, "metric"]
+
+    # At equal d the pretrained start is ahead where resolved, and behind nowhere.
+    signs = {d: compare_seeds(at(ft, d), at(sc, d)).sign for d in (300, 1000, 3000, 10_000, 30_000)}
+    assert signs == {300: 0, 1000: 1, 3000: 1, 10_000: 1, 30_000: 0}, signs
+    # Against full fine-tuning's bar for both, from scratch first passes at d = 30,000.
+    first = sc.by_d().loc[lambda t: t["mean"] >= ft.threshold, "d"].min()
+    assert first == 30_000 and first / ft.d90 == 3
 
 
 def test_task_problem_learning_rate_rule():
-    assert TaskProblem("digits").lr_at(10) == TaskProblem("digits").lr_at(1000) == 1.0
+    assert TaskProblem("digits").lr_at(10) == TaskProblem("digits").lr_at(1000) == 0.1
     p = TaskProblem("digits", subspace_lr=0.1, lr_ref_d=1000)
     assert p.lr_at(1000) == pytest.approx(0.1)
     assert p.lr_at(100_000) == pytest.approx(0.01)  # same step per weight: lr * sqrt(d) fixed
