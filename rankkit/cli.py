@@ -672,12 +672,19 @@ def _register_figures(subparsers) -> None:
         python -m rankkit figures                         # published settings, into figures/
         python -m rankkit figures --quick --out /tmp/fig  # smoke test: tiny runs, a minute or two
         python -m rankkit figures --jobs 2 --threads 1 --keep-runs runs/figures
+        python -m rankkit figures --intrinsic-from docs/records   # digits' d90 from the records
         """,
     )
     p.add_argument("--out", default="figures", metavar="DIR", help="output directory (figures/)")
     p.add_argument("--quick", action="store_true", help="tiny runs (not for publication)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes for the rank sweep")
     p.add_argument("--keep-runs", metavar="DIR", help="keep the sweep's runs here (default: temp)")
+    p.add_argument(
+        "--intrinsic-from",
+        metavar="DIR",
+        help="draw digits' intrinsic dimension from DIR/digits-intrinsic-{finetune,scratch} "
+        "(intrinsic-dim --out folders) instead of training it",
+    )
     _add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_figures)
@@ -695,7 +702,7 @@ def _cmd_figures(args) -> int:
         torch.set_num_threads(args.threads)
     paths = make_figures(
         args.out, quick=args.quick, jobs=args.jobs, work_dir=args.keep_runs,
-        progress=not args.quiet,
+        intrinsic_from=args.intrinsic_from, progress=not args.quiet,
     )  # fmt: skip
     print()
     for path in paths:

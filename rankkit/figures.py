@@ -21,9 +21,11 @@ file                                what it shows
 ==================================  ===========================================================
 
 Everything is seeded, so a rerun on the same machine redraws the same figures. The
-default ("full") settings are the ones the notebooks' full mode uses and take some
-minutes on a laptop CPU; ``quick=True`` shrinks every run to a smoke test (a minute or
-two) whose figures are not meant to be published.
+default ("full") settings are the ones the notebooks' full mode uses; the intrinsic
+dimension of ``digits`` is the long part (the two searches of ``docs/intrinsic.md``, about
+half an hour together on two busy CPU cores), and ``intrinsic_from`` draws it from their
+saved results instead. ``quick=True`` shrinks every run to a smoke test (a minute or two)
+whose figures are not meant to be published.
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from rankkit.checkpoints import load_state_dict
-from rankkit.intrinsic import HyperplaneProblem, TaskProblem, estimate_intrinsic_dimension
+from rankkit.intrinsic import (
+    HyperplaneProblem,
+    IntrinsicDimensionResult,
+    TaskProblem,
+    estimate_intrinsic_dimension,
+)
 from rankkit.methods import prepare_run
 from rankkit.plots import (
     plot_intrinsic_dimension,
@@ -77,7 +84,7 @@ class FigureSettings:
     ranks: tuple[int, ...]
     seeds: tuple[int, ...]
     epochs: int | None  # None: the task's default
-    intrinsic_dims: tuple[int, ...] | None  # None: the default coarse grid + bisection
+    intrinsic_dims: tuple[int, ...]
     intrinsic_seeds: tuple[int, ...]
     intrinsic_rtol: float  # bisection tolerance; 1.0 = no bisection after the coarse grid
 
@@ -86,8 +93,17 @@ class FigureSettings:
         if quick:
             return cls(ranks=(1, 8, 64), seeds=(0,), epochs=3, intrinsic_dims=(10, 100, 1000),
                        intrinsic_seeds=(0,), intrinsic_rtol=1.0)  # fmt: skip
+        # The grid and bisection of docs/intrinsic.md's digits commands.
         return cls(ranks=(1, 2, 4, 8, 16, 32, 64), seeds=(0, 1, 2), epochs=None,
-                   intrinsic_dims=None, intrinsic_seeds=(0, 1, 2), intrinsic_rtol=0.05)  # fmt: skip
+                   intrinsic_dims=(300, 1000, 3000, 10000, 30000), intrinsic_seeds=(0, 1, 2),
+                   intrinsic_rtol=0.5)  # fmt: skip
+
+
+#: Label on the intrinsic-dimension figure -> (from scratch?, folder name under ``intrinsic_from``).
+INTRINSIC_RUNS = {
+    "fine-tuning (pretrained θ₀)": (False, "digits-intrinsic-finetune"),
+    "from scratch (random θ₀)": (True, "digits-intrinsic-scratch"),
+}
 
 
 def make_figures(
@@ -96,6 +112,7 @@ def make_figures(
     quick: bool = False,
     jobs: int = 1,
     work_dir: str | os.PathLike | None = None,
+    intrinsic_from: str | os.PathLike | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
@@ -112,6 +129,10 @@ def make_figures(
     work_dir : path, optional
         Keep the sweep's runs (``results.csv``, adapters) here; default a temporary
         directory that is deleted afterwards.
+    intrinsic_from : path, optional
+        A directory holding ``digits-intrinsic-finetune/`` and ``digits-intrinsic-scratch/``
+        as ``python -m rankkit intrinsic-dim --out`` writes them (``docs/records`` has the
+        published ones): draw digits' intrinsic dimension from them instead of training.
     progress : bool
         Show progress bars.
     log : callable
@@ -120,10 +141,27 @@ def make_figures(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = FigureSettings.get(quick)
+    saved = None if intrinsic_from is None else _load_intrinsic(Path(intrinsic_from))
     if work_dir is not None:
-        return _make_all(out, Path(work_dir), settings, jobs, progress, log)
+        return _make_all(out, Path(work_dir), settings, jobs, progress, log, saved)
     with tempfile.TemporaryDirectory(prefix="rankkit-figures-") as tmp:
-        return _make_all(out, Path(tmp), settings, jobs, progress, log)
+        return _make_all(out, Path(tmp), settings, jobs, progress, log, saved)
+
+
+def _load_intrinsic(directory: Path) -> dict:
+    """The two saved digits searches, checked to be what their labels say (fails early)."""
+    saved = {}
+    for label, (scratch, folder) in INTRINSIC_RUNS.items():
+        result = IntrinsicDimensionResult.load(directory / folder)
+        expected = f"digits ({'from scratch' if scratch else 'fine-tuning'})"
+        if result.problem != expected:
+            raise ValueError(
+                f"{directory / folder} holds the search of {result.problem!r}, not "
+                f"{expected!r}; write it with python -m rankkit intrinsic-dim --task digits"
+                f"{' --from-scratch' if scratch else ''} --out {directory / folder}"
+            )
+        saved[label] = result
+    return saved
 
 
 def _save(fig, path: Path, log: Callable[[str], None]) -> Path:
@@ -133,11 +171,11 @@ def _save(fig, path: Path, log: Callable[[str], None]) -> Path:
     return path
 
 
-def _make_all(out, work, settings, jobs, progress, log) -> list[Path]:
+def _make_all(out, work, settings, jobs, progress, log, saved) -> list[Path]:
     start = time.perf_counter()
     task = get_task("digits")
     written = [_spectrum_figure(task, out, settings, progress, log)]
-    intrinsic_figures, finetune_d90 = _intrinsic_figures(out, settings, progress, log)
+    intrinsic_figures, finetune_d90 = _intrinsic_figures(out, settings, progress, log, saved)
     written += intrinsic_figures
     written += _sweep_figures(out, work, settings, jobs, progress, log, finetune_d90)
     log(f"done in {time.perf_counter() - start:.0f}s")
@@ -159,7 +197,7 @@ def _spectrum_figure(task, out, settings, progress, log) -> Path:
     return _save(fig, out / "digits_dW_spectrum.png", log)
 
 
-def _intrinsic_figures(out, settings, progress, log) -> tuple[list[Path], dict]:
+def _intrinsic_figures(out, settings, progress, log, saved) -> tuple[list[Path], dict]:
     """2. Intrinsic dimension: toy, then digits fine-tuning vs from scratch."""
     log("[2/4] intrinsic dimension: toy problem, digits fine-tuning and from scratch")
     toy = estimate_intrinsic_dimension(
@@ -168,12 +206,13 @@ def _intrinsic_figures(out, settings, progress, log) -> tuple[list[Path], dict]:
     log(f"      toy: d90 = {toy.d90}")
     fig = plot_intrinsic_dimension(toy, title="Li et al.'s toy problem: intrinsic dimension 10")
     written = [_save(fig, out / "toy_intrinsic_dimension.png", log)]
-    intrinsic = {}
-    for label, scratch in (
-        ("fine-tuning (pretrained θ₀)", False),
-        ("from scratch (random θ₀)", True),
-    ):
-        problem = TaskProblem("digits", from_scratch=scratch, epochs=settings.epochs)
+    intrinsic = saved or {}
+    for label, (scratch, folder) in INTRINSIC_RUNS.items():
+        if saved:
+            log(f"      {label}: d90 = {intrinsic[label].d90} (saved in {folder})")
+            continue
+        # The subspace rate is the task's at d = 1000, scaled by sqrt(1000 / d) (docs/intrinsic.md).
+        problem = TaskProblem("digits", from_scratch=scratch, epochs=settings.epochs, lr_ref_d=1000)
         intrinsic[label] = estimate_intrinsic_dimension(
             problem,
             dims=settings.intrinsic_dims,

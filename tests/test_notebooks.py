@@ -279,5 +279,24 @@ def test_figures_quick_writes_every_figure(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists(), "quick figures must not leave runs behind"
 
 
+def test_figures_refuse_saved_intrinsic_searches_under_the_wrong_label(tmp_path):
+    """``--intrinsic-from`` reads the records it names, and checks them before any training."""
+    import shutil
+
+    from rankkit.figures import INTRINSIC_RUNS, make_figures
+    from rankkit.intrinsic import IntrinsicDimensionResult
+
+    records = ROOT / "docs" / "records"
+    (_, finetune), (_, scratch) = INTRINSIC_RUNS.values()
+    saved = IntrinsicDimensionResult.load(records / finetune)
+    assert saved.problem == "digits (fine-tuning)" and saved.d90 in saved.curve["d"].tolist()
+    # The same two folders swapped: the fine-tuning label would get the scratch curve.
+    shutil.copytree(records / finetune, tmp_path / scratch)
+    shutil.copytree(records / scratch, tmp_path / finetune)
+    with pytest.raises(ValueError, match="holds the search of 'digits \\(from scratch\\)'"):
+        make_figures(tmp_path / "figures", intrinsic_from=tmp_path, log=lambda *_: None)
+    assert not (tmp_path / "figures").exists() or not any((tmp_path / "figures").iterdir())
+
+
 if __name__ == "__main__":  # pragma: no cover - run one notebook by hand
     sys.exit(pytest.main([__file__, "-v", "-k", sys.argv[1] if len(sys.argv) > 1 else ""]))
