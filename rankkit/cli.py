@@ -147,7 +147,7 @@ def _register_extract(subparsers) -> None:
         python -m rankkit extract base/ finetuned/ --out adapter/ --energy 0.9 --layers 'attn'
         python -m rankkit extract base/ finetuned/ --out adapter/ --budget 200000
         python -m rankkit extract runs/digits-full/base.safetensors runs/digits-full/finetuned.safetensors --out adapter/ --rank 4 --modules-to-save head
-        python -m rankkit extract --task digits --budgets 832,1664,3328,6656,13312 --seeds 0,1,2 --out runs/digits-extract
+        python -m rankkit extract --task digits --budgets 896,1792,3584,7168,14336 --seeds 0,1,2 --out runs/digits-extract
         """,
     )
     p.add_argument("base", nargs="?", metavar="BASE", help="pretrained weights (file or folder)")
@@ -392,7 +392,7 @@ def _register_intrinsic_dim(subparsers) -> None:
         python -m rankkit intrinsic-dim --from-scratch --seeds 0 1 2    # same MLP from random init
         python -m rankkit intrinsic-dim --task topics --dims 100 1000 10000 --seeds 0 --lr 0.1 --lr-ref-d 1000
         python -m rankkit intrinsic-dim --mode said --projection sparse --dims 10 100 1000
-        python -m rankkit intrinsic-dim --projection dense --baseline 0.97 --out runs/digits-sweep
+        python -m rankkit intrinsic-dim --projection dense --baseline 0.9 --out runs/digits-sweep
         """,
     )
     p.add_argument("--task", default="digits", help="a task name, or 'toy' (default digits)")

@@ -32,7 +32,7 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class SmallDigits:
-    """The digits task on 128 training images: the same code path, a fraction of the time."""
+    """The digits task on 128 training pairs: the same code path, a fraction of the time."""
 
     def __init__(self):
         self.task = get_task("digits")
@@ -316,9 +316,9 @@ def test_full_fine_tuning_of_digits_beats_the_frozen_base_clearly():
     head = fit(head_only(task.build_model(), task), task, lr=3e-2, device="cpu", progress=False)
     full = fit(task.build_model(), task, device="cpu", progress=False)
     scratch = fit(task.build_model(pretrained=False), task, device="cpu", progress=False)
-    assert full.metrics["test_accuracy"] - head.metrics["test_accuracy"] > 0.1
-    assert full.metrics["test_accuracy"] > 0.9
-    assert full.metrics["test_accuracy"] >= scratch.metrics["test_accuracy"] - 0.02
+    # Seeds 0-2 (docs/tasks.md): head only 0.589, full 0.859, scratch 0.803, sd <= 0.005.
+    assert full.metrics["test_accuracy"] - head.metrics["test_accuracy"] > 0.2
+    assert full.metrics["test_accuracy"] - scratch.metrics["test_accuracy"] > 0.03
     assert full.wall_time_s < 30
 
 
