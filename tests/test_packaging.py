@@ -87,7 +87,7 @@ def test_a_wheel_installed_without_the_source_tree_runs_the_default_sweep(tmp_pa
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "RANKKIT_DATA_DIR"}
-    env.update(PYTHONPATH=str(site), MPLBACKEND="Agg")
+    env.update(PYTHONPATH=str(site), MPLBACKEND="Agg", OMP_NUM_THREADS="1")
     check = (
         "import rankkit, rankkit.tasks as t; print(rankkit.__file__); print(t.data_dir()); "
         "[t.get_task(name).build_model(pretrained=True) for name in t.read_manifest() "

@@ -11,6 +11,8 @@ from rankkit.intrinsic import search_intrinsic_dimension
 from rankkit.lora import LoraConfig
 from rankkit.tasks import get_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class RecordingBar(tqdm):
     """A tqdm bar that remembers (runs done, total) after every update."""

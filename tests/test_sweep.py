@@ -26,7 +26,10 @@ from rankkit.sweep import (
     run_sweep,
 )
 
-# Small but real: the digits task, three epochs per run.
+# Small but real: the digits task, three epochs per run. One torch thread here and in
+# every subprocess (OMP_NUM_THREADS): on a shared two-core machine two threads per
+# process run several times slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"task": "digits", "ranks": [1, 4], "seeds": [0], "epochs": 3, "lr": 1e-2}
 
 
@@ -36,7 +39,7 @@ def cli(*args, timeout=300):
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "MPLBACKEND": "Agg"},
+        env={**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"},
     )
 
 
@@ -110,7 +113,7 @@ def test_resume_after_a_killed_sweep_runs_exactly_the_missing_runs(tmp_path):
         [sys.executable, "-m", "rankkit", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, "MPLBACKEND": "Agg"},
+        env={**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"},
     )
     results = out / "results.csv"
     deadline = time.time() + 240

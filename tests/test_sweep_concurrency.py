@@ -180,7 +180,7 @@ def test_two_sweep_processes_on_one_folder_one_killed_then_a_rerun(tmp_path):
 
     rerun = subprocess.run(
         [sys.executable, "-m", "rankkit", *args], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "MPLBACKEND": "Agg"},
+        env={**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr
     assert "8 finished run(s) skipped, 0 to run" in rerun.stdout
@@ -211,7 +211,8 @@ def test_ctrl_c_prints_one_line_on_what_was_saved(tmp_path, jobs, stop):
     """Ctrl-C, and a plain ``kill`` (SIGTERM), stop the sweep cleanly: what finished is
     saved, one line says so, and no worker process is left behind."""
     out = tmp_path / "interrupted"
-    args = ["sweep", "--ranks", "1,2,4,8", "--seeds", "0,1", "--epochs", "20", "--lr", "0.01",
+    # 8 epochs of 3,000 digit pairs: long enough a run for the signal to fall mid-way.
+    args = ["sweep", "--ranks", "1,2,4,8", "--seeds", "0,1", "--epochs", "8", "--lr", "0.01",
             "--no-baselines", "--no-batch", "--jobs", jobs, "--out", str(out)]  # fmt: skip
     proc = _sweep_process(args)
     results = out / "results.csv"
