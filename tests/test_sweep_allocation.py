@@ -409,3 +409,36 @@ def test_the_command_line_reports_a_misspelt_allocation(capsys, tmp_path):
         assert main(["sweep", "--adalora", "--ranks", "100", *out]) == 1
         assert "AdaLoRA starts rank(s) [100] at [150]" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
+# --------------------------------------------------------------------------- the record
+
+
+def test_the_recorded_digits_allocation_says_what_docs_sweeps_md_says():
+    """docs/sweeps.md's "Chosen ranks" verdicts, recomputed from its 10-seed record."""
+    from pathlib import Path
+
+    from rankkit.stats import compare_seeds
+
+    record = Path(__file__).resolve().parents[1] / "docs" / "records" / "digits-allocation.csv"
+    results = pd.read_csv(record)
+    assert len(results) == 200 and (results["status"] == "ok").all()
+    table = compare_allocations(results).set_index(["rank", "allocation"])
+    verdict = table["verdict"]
+    # Spectral: better at r = 2 and 4 (the whole budget in fc2), within noise above.
+    spectral = results[results["method"] == "lora-spectral"].groupby("rank")["rank_pattern"]
+    assert spectral.unique().loc[[2, 4]].map(list).tolist() == [["fc2:3"], ["fc2:7"]]
+    assert [verdict[r, "spectral"] for r in (2, 4)] == ["better than uniform"] * 2
+    assert [verdict[r, "spectral"] for r in (8, 16, 32)] == ["within seed noise"] * 3
+    assert table.loc[(4, "spectral"), "p"] < 0.05 / 5 < table.loc[(2, "spectral"), "p"]
+    # AdaLoRA: worse at r = 1 and 2 (r = 2 with uniform's ranks), better from r = 8 on.
+    adalora = table.xs("adalora", level="allocation")
+    assert (adalora.loc[[1, 2], "difference"] < 0).all() and (adalora.loc[[1, 2], "p"] < 0.05).all()
+    assert verdict[4, "adalora"] == "within seed noise"
+    assert [verdict[r, "adalora"] for r in (8, 16, 32)] == ["better than uniform"] * 3
+    # ... and above full fine-tuning at r = 16 and 32, where uniform LoRA is not.
+    full = results.loc[results["method"] == "full", "test_metric"]
+    for rank in (16, 32):
+        runs = results[results["rank"] == rank]
+        assert compare_seeds(runs.loc[runs["method"] == "adalora", "test_metric"], full).sign == 1
+        assert compare_seeds(runs.loc[runs["method"] == "lora", "test_metric"], full).sign == 0
