@@ -388,8 +388,8 @@ def _register_intrinsic_dim(subparsers) -> None:
         "reaches 90% of normal training (Li et al. 2018; Aghajanyan et al. 2020).",
         """
         python -m rankkit intrinsic-dim --task toy                      # Li et al.'s toy: d90 = 10
-        python -m rankkit intrinsic-dim                                 # fine-tune digits' base
-        python -m rankkit intrinsic-dim --from-scratch --seeds 0 1 2    # same MLP from random init
+        python -m rankkit intrinsic-dim --lr-ref-d 1000 --dims 300 1000 3000 10000 30000 --rtol 0.5   # fine-tune digits' base
+        python -m rankkit intrinsic-dim --from-scratch --lr-ref-d 1000 --dims 300 1000 3000 10000 30000 --seeds 0 1 2
         python -m rankkit intrinsic-dim --task topics --dims 100 1000 10000 --seeds 0 --lr 0.1 --lr-ref-d 1000
         python -m rankkit intrinsic-dim --mode said --projection sparse --dims 10 100 1000
         python -m rankkit intrinsic-dim --projection dense --baseline 0.9 --out runs/digits-sweep
