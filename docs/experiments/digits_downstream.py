@@ -49,15 +49,14 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from rankkit.lora import LoraConfig
 from rankkit.methods import prepare_run
 from rankkit.tasks.base import Task
-from rankkit.tasks.digits import SPLIT_SEED, DigitsMLP, DigitsTask
+from rankkit.tasks.digits import SPLIT_SEED, DigitsMLP, DigitsTask, digit_halves
+from rankkit.tasks.digits import image_pools as pools
 from rankkit.train import fit
 
 torch.set_num_threads(1)
@@ -75,26 +74,8 @@ LABELS = {  # pair label and number of classes
 
 def halves() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """``(images, labels)`` of the first and second half of the fixed permutation."""
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
-    half = len(images) // 2
-    pre, rest = order[:half], order[half:]
-    if set(pre) & set(rest) or len(pre) + len(rest) != len(images):
-        raise AssertionError("the two halves overlap or miss images")
-    return (images[pre], digits.target[pre]), (images[rest], digits.target[rest])
-
-
-def pools(x: np.ndarray, y: np.ndarray, fractions: tuple[float, float, float]) -> dict:
-    """Stratified train / val / test pools of *images* (examples are drawn inside each)."""
-    x_train, x_rest, y_train, y_rest = train_test_split(
-        x, y, train_size=fractions[0], stratify=y, random_state=SPLIT_SEED
-    )
-    val_share = fractions[1] / (fractions[1] + fractions[2])
-    x_val, x_test, y_val, y_test = train_test_split(
-        x_rest, y_rest, train_size=val_share, stratify=y_rest, random_state=SPLIT_SEED
-    )
-    return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
+    x_pre, y_pre, x_rest, y_rest = digit_halves()
+    return (x_pre, y_pre), (x_rest, y_rest)
 
 
 def draw_pairs(x, y, n, rng, label=None, rotate=False):
