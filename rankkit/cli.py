@@ -559,9 +559,9 @@ def _register_freeze_data(subparsers) -> None:
         subparsers,
         "freeze-data",
         "Record a task's data under the manifest's checksum: topics and code freeze what they "
-        "build from this Python (its reference text, its standard library's sources) into "
-        "data/TASK-data.json.gz, which every Python then reads; digits records the checksum "
-        "of its splits. 'rankkit tasks' re-checks them.",
+        "build from this Python (its reference text, its standard library's sources), digits "
+        "the pairs it draws with this numpy, into data/TASK-data.json.gz, which every Python "
+        "then reads. 'rankkit tasks' re-checks them.",
         """
         python -m rankkit freeze-data topics
         python -m rankkit freeze-data code

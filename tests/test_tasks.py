@@ -571,3 +571,32 @@ def test_lora_on_a_model_from_model_fn_needs_no_make_model():
     assert {n.split(".lora_")[0] for n in trainable if "lora_" in n} == {"fc2"}
     assert any(n.startswith("head") for n in trainable)
     assert not any(n.startswith("fc1") for n in trainable)
+
+
+def test_digits_pairs_are_read_from_the_frozen_file_not_drawn(monkeypatch):
+    """Same pairs with any numpy: the splits never touch the random generator."""
+    import numpy as np
+
+    from rankkit.tasks.digits import (
+        _finetune_splits,
+        _pretrain_splits,
+        draw_pair_indices,
+        frozen_pairs,
+    )
+
+    assert draw_pair_indices() == frozen_pairs()  # the construction, on this numpy
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("digits must read its pairs, not draw them")
+
+    monkeypatch.setattr(np.random, "default_rng", no_drawing)
+    caches = (frozen_pairs, _finetune_splits, _pretrain_splits)
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        entry = read_manifest()["digits-data"]
+        assert splits_sha256(get_task("digits").splits()) == entry["splits_sha256"]
+        assert len(digits_module.DigitPairsTask().splits()["train"]) == 8000
+    finally:
+        for cached in caches:
+            cached.cache_clear()

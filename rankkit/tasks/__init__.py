@@ -164,10 +164,11 @@ def data_status(task: Task) -> str:
 def freeze_data(name: str) -> dict[str, Any]:
     """Record task ``name``'s data in the manifest, so any machine can check it has the same.
 
-    A task whose data comes from text shipped with Python (``topics``) freezes a copy
-    into ``data/``, which every Python then reads; a task whose data ships in a
-    package (``digits``: scikit-learn's bundled images) records the SHA-256 of its
-    splits only. Either way ``python -m rankkit tasks`` re-computes that checksum.
+    A task whose data depends on the interpreter (``topics``, ``code``: text shipped
+    with Python; ``digits``: pairs drawn with numpy's random stream) freezes it into
+    ``data/``, which every Python then reads; a task with a ``data_source`` (data that
+    ships whole in a package) records the SHA-256 of its splits only. Either way
+    ``python -m rankkit tasks`` re-computes that checksum.
     """
     writable_data_dir()
     task = get_task(name)

@@ -347,8 +347,9 @@ class Task:
         ``batch_size``, ``weight_decay``, ``schedule``, ``warmup``), plus ``head_lr``:
         the learning rate of the frozen-base baseline (only the head trains).
     data_source : str, optional
-        Where the data comes from, for tasks whose data ships in a package (``digits``);
-        ``python -m rankkit freeze-data NAME`` records the SHA-256 of its splits.
+        Where the data comes from, for a task whose data ships whole in a package and
+        needs no frozen copy; ``python -m rankkit freeze-data NAME`` then records only the
+        SHA-256 of its splits.
     data_from : str, optional
         The task whose frozen data this one reads (``minilm`` reads ``topics``').
 

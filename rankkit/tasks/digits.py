@@ -10,6 +10,9 @@ Every example is a **pair**: two images side by side, an 8x16 picture flattened 
 * Each half is split by image into stratified train / val / test *pools*
   (80 / 10 / 10 for pretraining, 60 / 20 / 20 for fine-tuning), and each split's
   pairs are drawn (seeded) from its own pool, so no test image is seen in training.
+* The drawn pairs, as indices into the pools, are frozen in ``data/digits-data.json.gz``
+  (``python -m rankkit freeze-data digits``): numpy does not promise the same random
+  stream in every version, so every machine reads the pairs instead of drawing them.
 * **Pretraining** (8,000 / 1,000 / 1,000 pairs): name both digits ``(a, b)``. The
   model has 20 logits, ten per position, and the loss is the sum of the two
   cross-entropies.
@@ -43,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from rankkit.tasks.base import Task
+from rankkit.tasks.base import Task, freeze_task_data, load_frozen_data
 from rankkit.train import fit
 
 HIDDEN = 256
@@ -103,28 +106,51 @@ def image_pools(
     return {"train": (x_train, y_train), "val": (x_val, y_val), "test": (x_test, y_test)}
 
 
-def draw_pairs(
-    x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` random pairs of images side by side: ``(n, 128)`` inputs and ``(n, 2)`` digits."""
-    left, right = rng.integers(0, len(x), size=(2, n))
-    images = np.concatenate([x[left], x[right]], axis=2).reshape(n, -1)
-    return np.ascontiguousarray(images), np.stack([y[left], y[right]], axis=1)
+SPLITS = ("train", "val", "test")
+#: Which half of the images each stage's pairs come from, and how that half is pooled.
+STAGES = {
+    "pretrain": (0, (0.8, 0.1, 0.1), PRETRAIN_PAIRS),
+    "finetune": (1, (0.6, 0.2, 0.2), FINETUNE_PAIRS),
+}
 
 
-def pair_splits(
-    x: np.ndarray, y: np.ndarray, fractions: tuple[float, float, float], sizes: dict[str, int]
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Pool the images, then draw each split's pairs from its own pool.
+def draw_pair_indices() -> dict[str, dict[str, list[list[int]]]]:
+    """Draw every pair: ``{stage: {split: [[left, right], ...]}}``, indices into the pools.
 
-    Each split has its own generator (seeded ``[SPLIT_SEED, k]``), so the val and
-    test pairs do not depend on how many training pairs are drawn.
+    Each split has its own generator (seeded ``[SPLIT_SEED, k]``), so the val and test
+    pairs do not depend on how many training pairs are drawn. This is the step that
+    depends on numpy's random stream; :meth:`DigitsTask.freeze_data` freezes its result.
     """
-    pools = image_pools(x, y, fractions)
-    return {
-        split: draw_pairs(*pools[split], sizes[split], np.random.default_rng([SPLIT_SEED, k]))
-        for k, split in enumerate(("train", "val", "test"))
-    }
+    halves = digit_halves()
+    indices = {}
+    for stage, (half, fractions, sizes) in STAGES.items():
+        pools = image_pools(halves[2 * half], halves[2 * half + 1], fractions)
+        indices[stage] = {
+            split: np.random.default_rng([SPLIT_SEED, k])
+            .integers(0, len(pools[split][0]), size=(2, sizes[split]))
+            .T.tolist()
+            for k, split in enumerate(SPLITS)
+        }
+    return indices
+
+
+def pair_splits(stage: str, pairs: dict[str, list[list[int]]]):
+    """Each split's pairs of pool images side by side: ``(n, 128)`` inputs, ``(n, 2)`` digits."""
+    half, fractions, _ = STAGES[stage]
+    halves = digit_halves()
+    pools = image_pools(halves[2 * half], halves[2 * half + 1], fractions)
+    out = {}
+    for split in SPLITS:
+        (x, y), (left, right) = pools[split], np.asarray(pairs[split]).T
+        images = np.concatenate([x[left], x[right]], axis=2).reshape(len(left), -1)
+        out[split] = (np.ascontiguousarray(images), np.stack([y[left], y[right]], axis=1))
+    return out
+
+
+@lru_cache(maxsize=1)
+def frozen_pairs() -> dict[str, dict[str, list[list[int]]]]:
+    """The frozen pair indices (checksum-verified), as :func:`draw_pair_indices` drew them."""
+    return load_frozen_data("digits")["pairs"]
 
 
 def _tensors(inputs: np.ndarray, labels: np.ndarray) -> TensorDataset:
@@ -133,15 +159,13 @@ def _tensors(inputs: np.ndarray, labels: np.ndarray) -> TensorDataset:
 
 @lru_cache(maxsize=1)
 def _finetune_splits() -> dict[str, TensorDataset]:
-    _, _, x, y = digit_halves()
-    pairs = pair_splits(x, y, (0.6, 0.2, 0.2), FINETUNE_PAIRS)
+    pairs = pair_splits("finetune", frozen_pairs()["finetune"])
     return {split: _tensors(a, b.sum(axis=1) % 10) for split, (a, b) in pairs.items()}
 
 
 @lru_cache(maxsize=1)
 def _pretrain_splits() -> dict[str, TensorDataset]:
-    x, y, _, _ = digit_halves()
-    pairs = pair_splits(x, y, (0.8, 0.1, 0.1), PRETRAIN_PAIRS)
+    pairs = pair_splits("pretrain", frozen_pairs()["pretrain"])
     return {split: _tensors(a, b) for split, (a, b) in pairs.items()}
 
 
@@ -155,10 +179,6 @@ class DigitsTask(Task):
     )
     metric_name = "accuracy"
     head_modules = ["head"]  # noqa: RUF012
-    data_source = (
-        "scikit-learn's bundled load_digits (1,797 images); split with seed 0, pairs drawn "
-        "with seeds [0, split]"
-    )
     default_hparams = {  # noqa: RUF012
         "epochs": 30,
         "lr": 3e-3,
@@ -184,6 +204,20 @@ class DigitsTask(Task):
 
     def splits(self) -> dict[str, TensorDataset]:
         return _finetune_splits()
+
+    def freeze_data(self) -> dict:
+        """Draw the pairs with this numpy and freeze their indices; return the manifest entry."""
+        pairs = draw_pair_indices()
+        sizes = {stage: "/".join(str(len(p[s])) for s in SPLITS) for stage, p in pairs.items()}
+        fields = {
+            "data": (
+                "scikit-learn's bundled load_digits (1,797 images), halves and pools split "
+                f"with seed 0; pairs drawn with seeds [0, split]: {sizes['pretrain']} "
+                f"pretraining and {sizes['finetune']} fine-tuning train/val/test pairs"
+            ),
+        }
+        caches = (frozen_pairs, _finetune_splits, _pretrain_splits)
+        return freeze_task_data(self, {"pairs": pairs}, fields, caches)
 
     def pretrain(self, seed: int = 0, progress: bool = True, device: str = "cpu"):
         """Train the base to name both digits of a pair; return ``(body_state, manifest_fields)``."""
