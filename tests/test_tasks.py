@@ -574,7 +574,7 @@ def test_lora_on_a_model_from_model_fn_needs_no_make_model():
 
 
 def test_digits_pairs_are_read_from_the_frozen_file_not_drawn(monkeypatch):
-    """Same pairs with any numpy: the splits never touch the random generator."""
+    """Same pairs with any numpy or scikit-learn: the splits neither draw nor split."""
     import numpy as np
 
     from rankkit.tasks.digits import (
@@ -587,9 +587,10 @@ def test_digits_pairs_are_read_from_the_frozen_file_not_drawn(monkeypatch):
     assert draw_pair_indices() == frozen_pairs()  # the construction, on this numpy
 
     def no_drawing(*args, **kwargs):
-        raise AssertionError("digits must read its pairs, not draw them")
+        raise AssertionError("digits must read its pairs, not draw or split anything")
 
     monkeypatch.setattr(np.random, "default_rng", no_drawing)
+    monkeypatch.setattr("sklearn.model_selection.train_test_split", no_drawing)
     caches = (frozen_pairs, _finetune_splits, _pretrain_splits)
     for cached in caches:
         cached.cache_clear()

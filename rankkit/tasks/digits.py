@@ -10,9 +10,10 @@ Every example is a **pair**: two images side by side, an 8x16 picture flattened 
 * Each half is split by image into stratified train / val / test *pools*
   (80 / 10 / 10 for pretraining, 60 / 20 / 20 for fine-tuning), and each split's
   pairs are drawn (seeded) from its own pool, so no test image is seen in training.
-* The drawn pairs, as indices into the pools, are frozen in ``data/digits-data.json.gz``
-  (``python -m rankkit freeze-data digits``): numpy does not promise the same random
-  stream in every version, so every machine reads the pairs instead of drawing them.
+* The drawn pairs, as indices into ``load_digits``, are frozen in
+  ``data/digits-data.json.gz`` (``python -m rankkit freeze-data digits``): neither numpy's
+  random stream nor scikit-learn's splitting is promised to stay the same across
+  versions, so every machine reads the pairs instead of drawing them.
 * **Pretraining** (8,000 / 1,000 / 1,000 pairs): name both digits ``(a, b)``. The
   model has 20 logits, ten per position, and the loss is the sum of the two
   cross-entropies.
@@ -74,26 +75,34 @@ class DigitsMLP(nn.Module):
 
 
 @lru_cache(maxsize=1)
-def digit_halves() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The two disjoint halves of ``load_digits``: ``(x_pre, y_pre, x_ft, y_ft)``.
-
-    Images are ``(n, 8, 8)`` in [0, 1]; a fixed permutation (seed 0) splits them,
-    so no image the base is pretrained on appears in fine-tuning.
-    """
+def load_images() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 images of ``load_digits``, ``(n, 8, 8)`` in [0, 1], and their labels."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(images))
-    half = len(images) // 2
-    pre, ft = order[:half], order[half:]
-    return images[pre], digits.target[pre], images[ft], digits.target[ft]
+    return (digits.images / 16.0).astype(np.float32), digits.target
+
+
+def half_indices() -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the two disjoint halves of the images, from a fixed permutation (seed 0)."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(load_images()[0]))
+    half = len(order) // 2
+    return order[:half], order[half:]
+
+
+def digit_halves() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The two disjoint halves of ``load_digits``: ``(x_pre, y_pre, x_ft, y_ft)``.
+
+    No image the base is pretrained on appears in fine-tuning.
+    """
+    (images, labels), (pre, ft) = load_images(), half_indices()
+    return images[pre], labels[pre], images[ft], labels[ft]
 
 
 def image_pools(
     x: np.ndarray, y: np.ndarray, fractions: tuple[float, float, float]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Stratified, deterministic train / val / test pools of single images."""
+    """Stratified, deterministic train / val / test pools of single images (or their indices)."""
     from sklearn.model_selection import train_test_split
 
     x_train, x_rest, y_train, y_rest = train_test_split(
@@ -115,35 +124,36 @@ STAGES = {
 
 
 def draw_pair_indices() -> dict[str, dict[str, list[list[int]]]]:
-    """Draw every pair: ``{stage: {split: [[left, right], ...]}}``, indices into the pools.
+    """Draw every pair: ``{stage: {split: [[left, right], ...]}}``, indices into ``load_digits``.
 
-    Each split has its own generator (seeded ``[SPLIT_SEED, k]``), so the val and test
-    pairs do not depend on how many training pairs are drawn. This is the step that
-    depends on numpy's random stream; :meth:`DigitsTask.freeze_data` freezes its result.
+    Each stage's half of the images is split into pools, and each split's pairs are drawn
+    from its own pool with its own generator (seeded ``[SPLIT_SEED, k]``), so the val and
+    test pairs do not depend on how many training pairs are drawn. numpy's random stream
+    and scikit-learn's splitting are used here only; :meth:`DigitsTask.freeze_data`
+    freezes the result, which every machine then reads.
     """
-    halves = digit_halves()
+    labels, halves = load_images()[1], half_indices()
     indices = {}
     for stage, (half, fractions, sizes) in STAGES.items():
-        pools = image_pools(halves[2 * half], halves[2 * half + 1], fractions)
-        indices[stage] = {
-            split: np.random.default_rng([SPLIT_SEED, k])
-            .integers(0, len(pools[split][0]), size=(2, sizes[split]))
-            .T.tolist()
-            for k, split in enumerate(SPLITS)
-        }
+        pools = image_pools(halves[half], labels[halves[half]], fractions)
+        indices[stage] = {}
+        for k, split in enumerate(SPLITS):
+            pool = pools[split][0]
+            rng = np.random.default_rng([SPLIT_SEED, k])
+            indices[stage][split] = pool[
+                rng.integers(0, len(pool), size=(2, sizes[split]))
+            ].T.tolist()
     return indices
 
 
-def pair_splits(stage: str, pairs: dict[str, list[list[int]]]):
-    """Each split's pairs of pool images side by side: ``(n, 128)`` inputs, ``(n, 2)`` digits."""
-    half, fractions, _ = STAGES[stage]
-    halves = digit_halves()
-    pools = image_pools(halves[2 * half], halves[2 * half + 1], fractions)
+def pair_splits(pairs: dict[str, list[list[int]]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each split's pairs side by side: ``(n, 128)`` inputs and ``(n, 2)`` digits."""
+    images, labels = load_images()
     out = {}
     for split in SPLITS:
-        (x, y), (left, right) = pools[split], np.asarray(pairs[split]).T
-        images = np.concatenate([x[left], x[right]], axis=2).reshape(len(left), -1)
-        out[split] = (np.ascontiguousarray(images), np.stack([y[left], y[right]], axis=1))
+        left, right = np.asarray(pairs[split]).T
+        inputs = np.concatenate([images[left], images[right]], axis=2).reshape(len(left), -1)
+        out[split] = (np.ascontiguousarray(inputs), np.stack([labels[left], labels[right]], axis=1))
     return out
 
 
@@ -159,13 +169,13 @@ def _tensors(inputs: np.ndarray, labels: np.ndarray) -> TensorDataset:
 
 @lru_cache(maxsize=1)
 def _finetune_splits() -> dict[str, TensorDataset]:
-    pairs = pair_splits("finetune", frozen_pairs()["finetune"])
+    pairs = pair_splits(frozen_pairs()["finetune"])
     return {split: _tensors(a, b.sum(axis=1) % 10) for split, (a, b) in pairs.items()}
 
 
 @lru_cache(maxsize=1)
 def _pretrain_splits() -> dict[str, TensorDataset]:
-    pairs = pair_splits("pretrain", frozen_pairs()["pretrain"])
+    pairs = pair_splits(frozen_pairs()["pretrain"])
     return {split: _tensors(a, b) for split, (a, b) in pairs.items()}
 
 
