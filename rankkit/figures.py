@@ -106,6 +106,11 @@ INTRINSIC_RUNS = {
 }
 
 
+def _digits_problem(from_scratch: bool, epochs: int | None) -> TaskProblem:
+    # The subspace rate is the task's at d = 1000, scaled by sqrt(1000 / d) (docs/intrinsic.md).
+    return TaskProblem("digits", from_scratch=from_scratch, epochs=epochs, lr_ref_d=1000)
+
+
 def make_figures(
     out: str | os.PathLike = "figures",
     *,
@@ -141,19 +146,19 @@ def make_figures(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = FigureSettings.get(quick)
-    saved = None if intrinsic_from is None else _load_intrinsic(Path(intrinsic_from))
+    saved = None if intrinsic_from is None else _load_intrinsic(Path(intrinsic_from), settings)
     if work_dir is not None:
         return _make_all(out, Path(work_dir), settings, jobs, progress, log, saved)
     with tempfile.TemporaryDirectory(prefix="rankkit-figures-") as tmp:
         return _make_all(out, Path(tmp), settings, jobs, progress, log, saved)
 
 
-def _load_intrinsic(directory: Path) -> dict:
+def _load_intrinsic(directory: Path, settings: FigureSettings) -> dict:
     """The two saved digits searches, checked to be what their labels say (fails early)."""
     saved = {}
     for label, (scratch, folder) in INTRINSIC_RUNS.items():
         result = IntrinsicDimensionResult.load(directory / folder)
-        expected = f"digits ({'from scratch' if scratch else 'fine-tuning'})"
+        expected = _digits_problem(scratch, settings.epochs).name
         if result.problem != expected:
             raise ValueError(
                 f"{directory / folder} holds the search of {result.problem!r}, not "
@@ -206,21 +211,18 @@ def _intrinsic_figures(out, settings, progress, log, saved) -> tuple[list[Path],
     log(f"      toy: d90 = {toy.d90}")
     fig = plot_intrinsic_dimension(toy, title="Li et al.'s toy problem: intrinsic dimension 10")
     written = [_save(fig, out / "toy_intrinsic_dimension.png", log)]
-    intrinsic = saved or {}
-    for label, (scratch, folder) in INTRINSIC_RUNS.items():
-        if saved:
-            log(f"      {label}: d90 = {intrinsic[label].d90} (saved in {folder})")
-            continue
-        # The subspace rate is the task's at d = 1000, scaled by sqrt(1000 / d) (docs/intrinsic.md).
-        problem = TaskProblem("digits", from_scratch=scratch, epochs=settings.epochs, lr_ref_d=1000)
-        intrinsic[label] = estimate_intrinsic_dimension(
-            problem,
+    intrinsic = saved or {
+        label: estimate_intrinsic_dimension(
+            _digits_problem(scratch, settings.epochs),
             dims=settings.intrinsic_dims,
             seeds=settings.intrinsic_seeds,
             rtol=settings.intrinsic_rtol,
             progress=progress,
         )
-        log(f"      {label}: d90 = {intrinsic[label].d90}")
+        for label, (scratch, _) in INTRINSIC_RUNS.items()
+    }
+    for label, result in intrinsic.items():
+        log(f"      {label}: d90 = {result.d90}{' (saved)' if saved else ''}")
     fig = plot_intrinsic_dimension(
         intrinsic, title="digits MLP: training in a random subspace θ = θ₀ + P θ_d"
     )
