@@ -32,6 +32,7 @@ from rankkit.sweep import (
     pooled_difference,
     run_sweep,
 )
+from rankkit.sweep.config import task_defaults
 from rankkit.sweep.pilot import (
     adapted_layers,
     pilot_finetune,
@@ -179,9 +180,8 @@ def test_allocation_and_adalora_are_toml_keys(tmp_path):
 
 def test_adding_allocation_to_a_folder_written_without_the_key_resumes_it(tmp_path):
     config = SweepConfig(out=str(tmp_path)).validated()
-    old = {
-        k: v for k, v in dataclasses.asdict(config).items() if k not in ("allocation", "adalora")
-    }
+    written = {**dataclasses.asdict(config), "task_defaults": task_defaults(config.task)}
+    old = {k: v for k, v in written.items() if k not in ("allocation", "adalora")}
     (tmp_path / "config.json").write_text(json.dumps(old))
     spectral = SweepConfig(out=str(tmp_path), allocation="spectral", adalora=HAS_PEFT).validated()
     claim_directory(tmp_path, spectral, force=False)  # no "different config" error

@@ -1,6 +1,7 @@
-"""Several sweeps on one folder, Ctrl-C and kills: no run trained twice, no finished row lost."""
+"""Several sweeps on one folder, Ctrl-C, kills and changed task defaults: no run trained twice, no finished row lost, no stale row reused."""
 
 import collections
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,9 @@ import pandas as pd
 import pytest
 
 from rankkit.sweep import ResultsStore, SweepConfig, SweepInterrupted, plan_runs, run_sweep
+from rankkit.sweep import config as sweep_config
+from rankkit.sweep.store import claim_directory
+from rankkit.tasks import get_task
 
 QUIET = {"progress": False, "plot": False, "log": lambda _: None}
 # 2 seeds x 4 ranks, no baselines: 8 LoRA runs.
@@ -238,3 +242,44 @@ def test_ctrl_c_prints_one_line_on_what_was_saved(tmp_path, jobs, stop):
     while time.time() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.1)
     assert not any(_alive(p) for p in workers), "a worker process outlived the sweep"
+
+
+# --------------------------------------------------------------------------- changed task defaults
+
+
+def test_a_folder_written_under_other_task_defaults_is_refused(tmp_path, monkeypatch):
+    """A config's lr=None means "the task's default": if that default changes (a new
+    rankkit, a re-tuned task), resuming would silently mix runs trained at both rates."""
+    config = SweepConfig(task="digits", out=str(tmp_path)).validated()
+    claim_directory(tmp_path, config, force=False)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["task_defaults"]["hparams"]["lr"] == get_task("digits").default_hparams["lr"]
+    claim_directory(tmp_path, config, force=False)  # unchanged: resumes
+
+    task_class = type(get_task("digits"))
+    retuned = {**task_class.default_hparams, "lr": 0.5}
+    monkeypatch.setattr(task_class, "default_hparams", retuned)
+    with pytest.raises(ValueError, match=r"task 'digits' changed since: default lr: 0\.01 there "
+                       r"vs 0\.5 now.*--force keeps the runs trained under the task's old"):  # fmt: skip
+        claim_directory(tmp_path, config, force=False)
+    monkeypatch.undo()
+
+    manifest = sweep_config.read_manifest()
+    rebuilt = {**manifest, "digits": {**manifest["digits"], "sha256": "f" * 64}}
+    monkeypatch.setattr(sweep_config, "read_manifest", lambda: rebuilt)
+    with pytest.raises(ValueError, match=r"base weights: sha256 \w{12} there vs ffffffffffff now"):
+        claim_directory(tmp_path, config, force=False)
+    claim_directory(tmp_path, config, force=True)  # the user's explicit choice
+    assert json.loads((tmp_path / "config.json").read_text())["task_defaults"]["base_sha256"] == (
+        "f" * 64
+    )
+
+
+def test_a_folder_from_before_task_defaults_were_recorded_is_refused(tmp_path):
+    config = SweepConfig(task="digits", out=str(tmp_path)).validated()
+    claim_directory(tmp_path, config, force=False)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["task_defaults"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"not recorded there \(written by an older rankkit\)"):
+        claim_directory(tmp_path, config, force=False)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rankkit.tasks import get_task
+from rankkit.tasks.base import frozen_data_key, read_manifest
 from rankkit.utils import check_choice, did_you_mean
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32)
@@ -197,10 +198,35 @@ class SweepConfig:
         return self
 
     def result_affecting(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.EXECUTION_KEYS}
+        """The settings that change some run's result: this config's, and the task's.
+
+        ``None`` in the config (``lr``, ``epochs``...) means "the task's default", so the
+        task's defaults, base weights and data count as much as the config's own keys:
+        a folder written under other defaults (an older rankkit, a rebuilt base) must not
+        be resumed as if nothing had changed (:func:`task_defaults`).
+        """
+        own = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.EXECUTION_KEYS}
+        return {**own, "task_defaults": task_defaults(self.task)}
 
     def output_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / f"{self.task}-sweep"
+
+
+def task_defaults(name: str) -> dict[str, Any]:
+    """What task ``name`` gives every run that the config leaves open.
+
+    Its ``default_hparams`` (learning rates, epochs...) and the SHA-256 of its base
+    weights and frozen data in ``data/manifest.json`` (``None`` where the manifest has no
+    entry, e.g. MiniLM's weights, which come from a package). JSON-ready, as the sweep
+    folder's ``config.json`` stores it.
+    """
+    task = get_task(name)
+    manifest = read_manifest()
+    return {
+        "hparams": {k: task.default_hparams[k] for k in sorted(task.default_hparams)},
+        "base_sha256": manifest.get(task.name, {}).get("sha256"),
+        "data_sha256": manifest.get(frozen_data_key(task.name), {}).get("sha256"),
+    }
 
 
 def parse_int_list(values: Any, name: str, *, minimum: int = 1) -> list[int]:

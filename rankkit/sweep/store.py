@@ -311,11 +311,21 @@ def claim_directory(out_dir: Path, config: SweepConfig, force: bool) -> None:
                 for k in sorted(set(saved_affecting) | set(wanted))
                 if saved_affecting.get(k) != wanted.get(k)
             }
-            lines = "; ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
+            lines = "; ".join(
+                _describe_task_change(config.task, a, b)
+                if k == "task_defaults"
+                else f"{k}: {a!r} there vs {b!r} now"
+                for k, (a, b) in diff.items()
+            )
             if diff and not force:
+                keeps = (
+                    " (--force keeps the runs trained under the task's old defaults)"
+                    if "task_defaults" in diff
+                    else ""
+                )
                 raise ValueError(
                     f"{out_dir} holds a sweep with a different config ({lines}). Use another "
-                    "--out directory, or --force to continue it with the new config."
+                    f"--out directory, or --force to continue it with the new config{keeps}."
                 )
             busy = Claims(out_dir).holders() if diff else []
             if busy:
@@ -324,7 +334,28 @@ def claim_directory(out_dir: Path, config: SweepConfig, force: bool) -> None:
                     f"{', '.join(busy)} is running now; --force cannot change it until that "
                     "sweep ends. Use another --out directory."
                 )
-        write_atomically(path, lambda fh: json.dump(dataclasses.asdict(config), fh, indent=2))
+        saving = {**dataclasses.asdict(config), "task_defaults": wanted["task_defaults"]}
+        write_atomically(path, lambda fh: json.dump(saving, fh, indent=2))
+
+
+def _describe_task_change(task: str, saved: dict | None, now: dict) -> str:
+    """What changed in the task's defaults since a folder was written, in a few words."""
+    if saved is None:
+        return (
+            f"task {task!r}'s default hyperparameters, base weights and data: not recorded "
+            "there (written by an older rankkit), so its runs may have used other ones"
+        )
+    changes = []
+    old_hp, new_hp = saved.get("hparams", {}), now["hparams"]
+    for key in sorted(set(old_hp) | set(new_hp)):
+        if old_hp.get(key) != new_hp.get(key):
+            changes.append(f"default {key}: {old_hp.get(key)!r} there vs {new_hp.get(key)!r} now")
+    for key, what in (("base_sha256", "base weights"), ("data_sha256", "frozen data")):
+        if saved.get(key) != now[key]:
+            changes.append(
+                f"{what}: sha256 {str(saved.get(key))[:12]} there vs {str(now[key])[:12]} now"
+            )
+    return f"task {task!r} changed since: " + ", ".join(changes)
 
 
 def load_results(directory: str | os.PathLike) -> pd.DataFrame:
