@@ -74,7 +74,7 @@ than a small one.
 When it is faster: batching removes per-step overhead (Python, small-kernel
 launches), not arithmetic. On a GPU, where a single small run leaves the device
 idle, that is most of the time; on a CPU it is for small models such as the
-digits MLP (about 3x in ``benchmarks/README.md``), while a transformer step that is
+digits MLP (measured in ``benchmarks/README.md``), while a transformer step that is
 already compute-bound gains nothing (:data:`CPU_SMALL_STEP_BYTES`).
 
 Limits: models whose layers mix examples across the batch (batch norm) are
@@ -125,10 +125,10 @@ __all__ = [
 ]
 
 #: Largest number of runs trained together when the caller does not say (see
-#: :func:`max_batch_runs`). On a CPU, batching only applies to small steps, and the
-#: default digits sweep is fastest as one batch of 18 (benchmarks/README.md); a killed
-#: sweep loses at most the batch in flight, a few seconds of such runs. A GPU keeps
-#: gaining up to many more runs.
+#: :func:`max_batch_runs`). On a CPU, batching only applies to small steps; 18 is the
+#: default digits sweep's LoRA runs (6 ranks x 3 seeds), so it trains as one batch
+#: (benchmarks/README.md measures batch sizes), and a killed sweep loses at most the
+#: batch in flight, seconds of such runs. A GPU keeps gaining up to many more runs.
 DEFAULT_MAX_RUNS = {"cpu": 18, "cuda": 64, "mps": 16}
 #: Fraction of the free memory that a batch may plan to use.
 MEMORY_FRACTION = 0.5
