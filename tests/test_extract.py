@@ -507,3 +507,70 @@ def test_compare_with_uniform_pairs_seeds_and_uses_the_paired_t_test():
     assert row["verdict"] == "identical on every seed"
     (row,) = compare_with_uniform(table([0.9], [0.95]), "test_accuracy")
     assert row["verdict"] == "one seed, no noise estimate"
+
+
+# --------------------------------------------------------------------------- docs/extraction.md
+
+
+def test_docs_digits_extraction_table_and_verdicts_are_the_records():
+    """docs/extraction.md's digits table is the recorded run's mean ± sd, and its verdicts hold.
+
+    The records are what the two documented commands wrote (extraction.csv and the sweep's
+    results.csv), copied into docs/records/.
+    """
+    import re
+    from pathlib import Path
+
+    import pandas as pd
+
+    root = Path(__file__).resolve().parents[1]
+    records = root / "docs" / "records"
+    table = pd.read_csv(records / "digits-extraction.csv")
+    sweep = pd.read_csv(records / "digits-extract-sweep.csv")
+    doc = (root / "docs" / "extraction.md").read_text(encoding="utf-8")
+    section = doc.split("## What each budget buys: digits")[1].split("## What each budget")[0]
+
+    def acc(frame):
+        values = frame.sort_values("seed")["test_accuracy"].to_numpy()
+        assert len(values) == 3
+        return values
+
+    def cell(values):
+        return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+
+    def pick(allocation, budget=None):
+        rows = table[table["allocation"] == allocation]
+        return rows[rows["budget"].isna()] if budget is None else rows[rows["budget"] == budget]
+
+    trained = {
+        int(r): g.sort_values("seed")["test_metric"].to_numpy()
+        for r, g in sweep[sweep["method"] == "lora"].groupby("rank")
+    }
+    full, frozen, ceiling = (acc(pick(a)) for a in ("full fine-tuning", "frozen base", "all of ΔW"))
+    assert np.array_equal(full, sweep[sweep["method"] == "full"].sort_values("seed")["test_metric"])
+    for name, values in (("Full fine-tuning", full), ("frozen base", frozen), ('ΔW"', ceiling)):
+        assert re.search(re.escape(name) + r"[^\n]*\n?[^\n]*" + re.escape(cell(values)), section), (
+            name
+        )
+    rows = re.findall(r"^\| ([\d,]+) \| (\d+) \| [\d,]+ \| [^|]+ \|(.*)\|$", section, re.M)
+    assert [int(b.replace(",", "")) for b, _, _ in rows] == sorted(
+        table["budget"].dropna().unique()
+    )
+    for budget, rank, rest in rows:
+        budget, rank = int(budget.replace(",", "")), int(rank)
+        uniform, energy, allocated = (acc(pick(a, budget)) for a in ("uniform", "energy", "budget"))
+        expected = [cell(uniform), cell(energy), cell(allocated)]
+        expected.append(cell(trained[rank]) if rank in trained else "–")
+        assert [c.strip() for c in rest.split("|")] == expected, budget
+        # Budget allocation does not beat uniform rank: no rule is higher on average.
+        assert (energy - uniform).mean() <= 0 and (allocated - uniform).mean() <= 0, budget
+        # A trained adapter beats the extracted one at the same rank, on every seed.
+        if rank in trained:
+            assert (trained[rank] > uniform).all(), rank
+        # Below the frozen base up to rank 8 (every seed), above it from rank 16.
+        if rank <= 8:
+            assert (uniform < frozen.min()).all(), rank
+        else:
+            assert (uniform > frozen.max()).all(), rank
+    # All of ΔW recovers the fine-tune to within a point on every seed.
+    assert np.abs(ceiling - full).max() < 0.01
