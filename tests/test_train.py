@@ -322,9 +322,10 @@ def test_full_fine_tuning_of_digits_beats_the_frozen_base_clearly():
     head = fit(head_only(task.build_model(), task), task, lr=3e-2, device="cpu", progress=False)
     full = fit(task.build_model(), task, device="cpu", progress=False)
     scratch = fit(task.build_model(pretrained=False), task, device="cpu", progress=False)
-    # Seeds 0-2 (docs/tasks.md): head only 0.589, full 0.859, scratch 0.803, sd <= 0.005.
-    assert full.metrics["test_accuracy"] - head.metrics["test_accuracy"] > 0.2
-    assert full.metrics["test_accuracy"] - scratch.metrics["test_accuracy"] > 0.03
+    # Seeds 0-2 (docs/tasks.md): head only 0.589 ± 0.005, full 0.896 ± 0.006, scratch
+    # 0.830 ± 0.021; seed 0, run here: 0.589, 0.899, 0.806.
+    assert full.metrics["test_accuracy"] - head.metrics["test_accuracy"] > 0.25
+    assert full.metrics["test_accuracy"] - scratch.metrics["test_accuracy"] > 0.05
     assert full.wall_time_s < 30
 
 
