@@ -503,11 +503,11 @@ def test_digits_from_scratch_small_d_fails_large_d_succeeds():
         "digits", from_scratch=True, epochs=15, subspace_lr=0.1, lr_ref_d=1000, device="cpu"
     )
     baseline = problem.train_full(0)
-    assert baseline > 0.7  # measured 0.777 (10 classes: chance is 0.1)
+    assert baseline > 0.7  # measured 0.801 at the task's lr 1e-2 (10 classes: chance is 0.1)
     small = problem.train_subspace(10, 0, projection="fastfood")
     large = problem.train_subspace(30_000, 0, projection="fastfood")
     assert small < 0.5 * baseline  # measured 0.116: 10 directions cannot add digits
-    assert large > 0.9 * baseline  # measured 0.764
+    assert large > 0.9 * baseline  # measured 0.764 against 0.721
 
 
 @pytest.mark.slow
@@ -538,13 +538,18 @@ def test_the_recorded_digits_d90_says_what_docs_intrinsic_md_says():
     ft = IntrinsicDimensionResult.load(records / "digits-intrinsic-finetune")
     sc = IntrinsicDimensionResult.load(records / "digits-intrinsic-scratch")
     assert ft.D == sc.D == 101_386
-    assert (ft.d90, ft.d90_bracket) == (10_000, (5477, 10_000))
+    for r in (ft, sc):
+        # Each d90 is the smallest d whose mean reaches 90% of the mean of its own baseline runs.
+        assert r.baseline == pytest.approx(np.mean(r.baseline_runs))
+        assert r.threshold == pytest.approx(0.9 * r.baseline, abs=1e-4)
+        by_d = r.by_d()
+        assert r.d90 == by_d.loc[by_d["mean"] >= r.threshold, "d"].min()
+    assert (ft.d90, ft.d90_bracket) == (17_321, (10_000, 17_321))
     assert (sc.d90, sc.d90_bracket) == (17_321, (10_000, 17_321))
-    # Both bracketed below the largest d tried, and only 1.7x apart: the per-seed ranges
-    # overlap, far from Aghajanyan et al.'s large drop.
+    # Both bracketed below the largest d tried, and equal, at every seed: pretraining does not
+    # lower d90 here, the opposite of Aghajanyan et al.'s large drop.
     assert max(ft.curve["d"]) > ft.d90 and max(sc.curve["d"]) > sc.d90
-    assert sc.d90 / ft.d90 == pytest.approx(1.73, abs=0.01)
-    assert max(ft.d90_per_seed.values()) >= min(sc.d90_per_seed.values())
+    assert set(ft.d90_per_seed.values()) == set(sc.d90_per_seed.values()) == {17_321}
     # Training from scratch has the lower baseline, so the lower bar.
     assert sc.baseline < ft.baseline
 
@@ -552,11 +557,11 @@ def test_the_recorded_digits_d90_says_what_docs_intrinsic_md_says():
         return result.curve.loc[result.curve["d"] == d, "metric"]
 
     # At equal d the pretrained start is ahead where resolved, and behind nowhere.
-    signs = {d: compare_seeds(at(ft, d), at(sc, d)).sign for d in (300, 1000, 3000, 10_000, 30_000)}
-    assert signs == {300: 0, 1000: 1, 3000: 1, 10_000: 1, 30_000: 0}, signs
-    # Against full fine-tuning's bar for both, from scratch first passes at d = 30,000.
-    first = sc.by_d().loc[lambda t: t["mean"] >= ft.threshold, "d"].min()
-    assert first == 30_000 and first / ft.d90 == 3
+    common = sorted(set(ft.curve["d"]) & set(sc.curve["d"]))
+    signs = {d: compare_seeds(at(ft, d), at(sc, d)).sign for d in common}
+    assert signs == {300: 0, 1000: 1, 3000: 1, 10_000: 1, 17_321: 1, 30_000: 0}, signs
+    # Against full fine-tuning's bar for both, training from scratch passes at no d tried.
+    assert sc.by_d()["mean"].max() < ft.threshold
 
 
 def test_task_problem_learning_rate_rule():
