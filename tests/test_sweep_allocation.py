@@ -285,11 +285,13 @@ def test_a_saved_adalora_adapter_loads_in_peft_with_the_same_outputs(tmp_path):
 # --------------------------------------------------------------------------- the comparison
 
 
-def results_table(uniform, spectral, patterns=("fc1:4 fc2:4", "fc1:2 fc2:5")):
+def results_table(
+    uniform, spectral, patterns=("fc1:4 fc2:4", "fc1:2 fc2:5"), other="lora-spectral"
+):
     rows = []
     for method, values, pattern in (
         ("lora", uniform, patterns[0]),
-        ("lora-spectral", spectral, patterns[1]),
+        (other, spectral, patterns[1]),
     ):
         for seed, value in enumerate(values):
             rows.append(dict(method=method, targets="all-linear", rank=4, seed=seed, status="ok",
@@ -341,6 +343,17 @@ def test_identical_ranks_are_called_so_and_one_seed_gives_no_verdict():
     assert same["verdict"].tolist() == ["same ranks as uniform"]
     one = compare_allocations(results_table([0.9], [0.95]))
     assert one["verdict"].tolist() == ["one seed, no noise estimate"] and math.isnan(one["se"][0])
+
+
+def test_adalora_at_uniforms_ranks_still_gets_welchs_verdict():
+    """Only a spectral run with uniform's ranks is uniform's configuration; AdaLoRA that ends
+    at the same ranks is another method (P Λ Q, pruned from more units), judged by its numbers."""
+    uniform, lower, patterns = [0.77, 0.78, 0.79], [0.74, 0.745, 0.75], ("fc1:2 fc2:2",) * 2
+    adalora = compare_allocations(results_table(uniform, lower, patterns, other="adalora"))
+    assert adalora["allocation"].tolist() == ["adalora"]
+    assert adalora["verdict"].tolist() == ["worse than uniform"]  # Welch p < 0.05
+    spectral = compare_allocations(results_table(uniform, lower, patterns))
+    assert spectral["verdict"].tolist() == ["same ranks as uniform"]
 
 
 def test_old_results_without_allocation_columns_compare_nothing():

@@ -277,9 +277,12 @@ def compare_allocations(results: pd.DataFrame) -> pd.DataFrame:
 
     the runs of the two allocations being independent. The verdict is "better than
     uniform" or "worse than uniform" when Welch's two-sided t-test rejects
-    :math:`d = 0` at :data:`ALLOCATION_LEVEL`, and "within seed noise" otherwise;
-    "same ranks as uniform" when every run of both has the same per-layer ranks (the
-    same configuration: at rank 1 of two layers, the budget often buys nothing else).
+    :math:`d = 0` at :data:`ALLOCATION_LEVEL`, and "within seed noise" otherwise.
+    A spectral run whose per-layer ranks are uniform's in every run is "same ranks as
+    uniform": the same configuration (at rank 1 of two layers the budget often buys
+    nothing else). AdaLoRA always gets Welch's verdict, even where it ends at uniform's
+    ranks: it trains another parametrisation (P Λ Q, pruned from more units), so its
+    difference is the method's.
 
     Returns
     -------
@@ -307,9 +310,9 @@ def compare_allocations(results: pd.DataFrame) -> pd.DataFrame:
                 uniform_params=uniform["adapter_params"].mean(), params=other["adapter_params"].mean(),
             ))  # fmt: skip
             both = pd.concat([uniform, other])
-            if "rank_pattern" in both and both["rank_pattern"].notna().all():
-                if both["rank_pattern"].nunique() == 1:
-                    rows[-1]["verdict"] = "same ranks as uniform"
+            known = "rank_pattern" in both and both["rank_pattern"].notna().all()
+            if allocation == "spectral" and known and both["rank_pattern"].nunique() == 1:
+                rows[-1]["verdict"] = "same ranks as uniform"
     return pd.DataFrame(rows)
 
 
