@@ -354,6 +354,16 @@ def test_adalora_at_uniforms_ranks_still_gets_welchs_verdict():
     assert adalora["verdict"].tolist() == ["worse than uniform"]  # Welch p < 0.05
     spectral = compare_allocations(results_table(uniform, lower, patterns))
     assert spectral["verdict"].tolist() == ["same ranks as uniform"]
+    # The summary pools AdaLoRA over every rank, without saying it allocates differently.
+    at4 = results_table(uniform, lower, patterns, other="adalora")
+    results = pd.concat([at4, at4.assign(rank=8)]).assign(
+        run_id=range(12), metric="accuracy", trainable_params=0, trainable_fraction=0.0
+    )
+    d, se = np.mean(lower) - np.mean(uniform), adalora["se"].item()
+    assert se == pytest.approx(math.sqrt((np.var(uniform, ddof=1) + np.var(lower, ddof=1)) / 3))
+    text = format_summary(results)
+    assert f"r=8 {d:+.3f} ± {se:.3f} (worse than uniform)" in text
+    assert f"mean over the 2 ranks: {d:+.3f} ± {se / math.sqrt(2):.3f}" in text
 
 
 def test_old_results_without_allocation_columns_compare_nothing():

@@ -351,7 +351,8 @@ def _allocation_lines(results: pd.DataFrame) -> list[str]:
         differ = part[part["verdict"] != "same ranks as uniform"]
         if len(differ) > 1 and differ["se"].notna().all():
             mean, se = pooled_difference(differ)
-            line += f"; mean over the {len(differ)} ranks it allocates differently: {mean:+.3f} ± {se:.3f}"
+            which = "ranks" if len(differ) == len(part) else "ranks it allocates differently"
+            line += f"; mean over the {len(differ)} {which}: {mean:+.3f} ± {se:.3f}"
         lines.append(line)
     return lines
 
