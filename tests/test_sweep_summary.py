@@ -65,3 +65,15 @@ def test_a_collapsed_lora_run_is_still_flagged_when_full_beats_frozen():
     text = format_summary(table)
     assert "90% of the full-FT gain at rank 1" in text
     assert "warning: LoRA scored far below the frozen base at q,v r=32" in text
+
+
+def test_a_gain_not_reached_names_the_largest_rank_swept():
+    # Gains 0.5 and 0.8 at r = 1, 4: neither reaches 90%, and the line says up to which rank.
+    text = format_summary(
+        results(full=[0.9, 0.9], frozen=[0.5, 0.5], lora={1: [0.7, 0.7], 4: [0.82, 0.82]})
+    )
+    assert (
+        "90% of the full-FT gain not reached by rank 4 [not reached], 95% not reached by rank 4"
+        in text
+    )
+    assert "at rank not reached" not in text

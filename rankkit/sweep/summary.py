@@ -181,15 +181,21 @@ def format_summary(results: pd.DataFrame) -> str:
         lines += _unresolved_gain(results)
     for targets in lora_targets:
         parts = []
+        swept = results.loc[(results["method"] == "lora") & (results["targets"] == targets), "rank"]
         for fraction in (0.9, 0.95):
-            text = f"rank {_rank_text(rank_for_gain(results, fraction, targets))}"
+            rank = rank_for_gain(results, fraction, targets)
+            text = (
+                f"at rank {int(rank)}"
+                if rank is not None
+                else f"not reached by rank {swept.max():g}"
+            )
             interval = rank_for_gain_interval(results, fraction, targets)
             if interval is not None:
                 any_interval = True
                 low, high = (_rank_text(x) for x in interval)
                 text += f" [{low}, {high}]" if low != high else f" [{low}]"
             parts.append(text)
-        lines.append(f"targets {targets}: 90% of the full-FT gain at {parts[0]}, 95% at {parts[1]}")
+        lines.append(f"targets {targets}: 90% of the full-FT gain {parts[0]}, 95% {parts[1]}")
     if any_interval:
         lines.append(
             "[low, high]: 90% bootstrap interval of that rank, resampling each configuration's "
