@@ -355,7 +355,7 @@ def _describe_task_change(task: str, saved: dict | None, now: dict) -> str:
             changes.append(
                 f"{what}: sha256 {str(saved.get(key))[:12]} there vs {str(now[key])[:12]} now"
             )
-    return f"task {task!r} changed since: " + ", ".join(changes)
+    return f"task {task!r} changed since: " + (", ".join(changes) or "its recorded defaults")
 
 
 def load_results(directory: str | os.PathLike) -> pd.DataFrame:
