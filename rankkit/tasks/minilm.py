@@ -17,7 +17,8 @@ non-padding tokens (as sentence-transformers does) into a new linear ``head``.
 Task ``minilm-code`` (:class:`MiniLMCodeTask`) is the same model on the
 :mod:`rankkit.tasks.code` task's frozen windows and splits (which token was
 blanked out of a window of standard-library code), each window rendered back to
-text with the blank as the tokenizer's mask token (:func:`render_code`).
+text with the blank as the tokenizer's mask token (:func:`render_code`); its head reads
+the final hidden state at that mask token instead of the mean.
 
 Any other local Hugging Face encoder works the same way:
 ``get_task("minilm", model="path/to/model_dir")`` or
@@ -80,13 +81,22 @@ def packaged_model_dir(task: str = "minilm") -> Path:
 
 
 class EncoderClassifier(nn.Module):
-    """A Hugging Face encoder, mean pooling over real tokens, and a linear ``head``."""
+    """A Hugging Face encoder, a read-out of its final hidden states, and a linear ``head``.
 
-    def __init__(self, backbone: nn.Module, n_classes: int, pad_id: int):
+    The read-out is the mean over real tokens (as sentence-transformers pools), or, with
+    ``read_at``, the mean over the positions holding that token id: for a fill-in-the-
+    blank task, the state at the ``[MASK]`` that masked language modelling taught the
+    encoder to fill.
+    """
+
+    def __init__(
+        self, backbone: nn.Module, n_classes: int, pad_id: int, read_at: int | None = None
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.config.hidden_size, n_classes)
         self.pad_id = pad_id
+        self.read_at = read_at
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = ids != self.pad_id
@@ -95,7 +105,8 @@ class EncoderClassifier(nn.Module):
         keep = int(mask.any(0).nonzero().max()) + 1 if mask.any() else ids.shape[1]
         ids, mask = ids[:, :keep], mask[:, :keep]
         hidden = self.backbone(input_ids=ids, attention_mask=mask.long()).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        read = mask if self.read_at is None else ids == self.read_at
+        weights = read.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return self.head(pooled)
 
@@ -167,7 +178,7 @@ class MiniLMTask(Task):
             backbone = transformers.AutoModel.from_config(config, add_pooling_layer=False)
         except TypeError:  # models without a pooler do not take the argument
             backbone = transformers.AutoModel.from_config(config)
-        return EncoderClassifier(backbone, self._n_classes(), self._pad_id(config))
+        return self._classifier(backbone, config)
 
     def build_model(self, pretrained: bool = True, seed: int | None = 0) -> nn.Module:
         """The encoder with its pretrained weights (or random ones) and a new head."""
@@ -197,10 +208,17 @@ class MiniLMTask(Task):
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            return EncoderClassifier(backbone, self._n_classes(), self._pad_id(config))
+            return self._classifier(backbone, config)
 
     def base_source(self) -> str:
         return f"ok (Hugging Face model {self.source()[0]})"
+
+    def _classifier(self, backbone: nn.Module, config) -> EncoderClassifier:
+        return EncoderClassifier(backbone, self._n_classes(), self._pad_id(config), self.read_at())
+
+    def read_at(self) -> int | None:
+        """Token id whose final state the head reads; None: the mean over the passage."""
+        return None
 
     def _pad_id(self, config) -> int:
         # The ids come from the tokenizer, so its pad id is the one to mask.
@@ -304,8 +322,11 @@ class MiniLMCodeTask(MiniLMTask):
     window of 32 code tokens takes 37 WordPiece tokens on average and at most 68
     (with ``[CLS]`` and ``[SEP]``), more than ``minilm``'s 48, so ``max_tokens``
     is raised to 128 and no window is cut (a cut would drop the blank, which
-    sits three tokens before the end). The classifier is ``minilm``'s: mean
-    pooling over the window, then a new linear head.
+    sits three tokens before the end). The new linear head reads the final
+    hidden state at the mask (:meth:`read_at`), where masked language modelling
+    put what the encoder knows about the blank; ``minilm``'s mean over the window
+    hides it (``docs/tasks.md``: frozen pretrained features then score below
+    random ones).
     """
 
     name = "minilm-code"
@@ -315,26 +336,37 @@ class MiniLMCodeTask(MiniLMTask):
     )
     data_from = "code"
     max_tokens = 128
-    default_hparams = {**MiniLMTask.default_hparams, "lora_lr": 1e-2}  # noqa: RUF012
+    # 6 epochs: at minilm's 3, full fine-tuning was still improving (docs/tasks.md).
+    default_hparams = {**MiniLMTask.default_hparams, "epochs": 6, "lora_lr": 1e-2}  # noqa: RUF012
 
     @property
     def classes(self) -> tuple[str, ...]:
         return tuple(code_data()["classes"])
 
+    def read_at(self) -> int:
+        """The mask token's id: each window has exactly one, at the blank."""
+        return self.tokenizer().convert_tokens_to_ids(_mask_token(self.tokenizer()))
+
     @staticmethod
     def passages(tokenizer) -> dict[str, tuple[list[str], list[int]]]:
         """Each split's windows rendered as text, the blank as ``tokenizer.mask_token``."""
-        if tokenizer.mask_token is None:
-            raise ValueError(
-                f"task 'minilm-code' writes the blank as the tokenizer's mask token, but the "
-                f"tokenizer of {tokenizer.name_or_path!r} has none; pass --model a masked-"
-                "language-model encoder (BERT-like), or use task 'minilm'."
-            )
+        mask = _mask_token(tokenizer)
         splits = code_data()["splits"]
         return {
             s: (
-                [render_code(ids, tokenizer.mask_token) for ids in splits[s]["ids"]],
+                [render_code(ids, mask) for ids in splits[s]["ids"]],
                 list(splits[s]["labels"]),
             )
             for s in SPLITS
         }
+
+
+def _mask_token(tokenizer) -> str:
+    """The tokenizer's mask token, with the error that says what to use instead."""
+    if tokenizer.mask_token is None:
+        raise ValueError(
+            f"task 'minilm-code' writes the blank as the tokenizer's mask token, but the "
+            f"tokenizer of {tokenizer.name_or_path!r} has none; pass --model a masked-"
+            "language-model encoder (BERT-like), or use task 'minilm'."
+        )
+    return tokenizer.mask_token
