@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 
 from rankkit.methods import method_lr
+from rankkit.stats import compare_seeds
+from rankkit.sweep import rank_for_gain, rank_for_gain_interval
 from rankkit.tasks import get_task, list_tasks
 from rankkit.tasks.code import BLANK_OFFSET, CLASSES, MASK_TOKEN, WINDOW, code_data, vocabulary
 from rankkit.tasks.minilm import EncoderClassifier, MiniLMCodeTask, render_code
@@ -124,3 +128,33 @@ def test_minilm_code_reads_at_the_tokenizers_mask_and_minilm_mean_pools():
     task = get_task("minilm-code")
     assert task.build_model(pretrained=False).read_at == task.tokenizer().mask_token_id
     assert get_task("minilm").build_model(pretrained=False).read_at is None
+
+
+RECORDS = Path(__file__).resolve().parents[1] / "docs" / "records"
+
+
+def test_the_recorded_mask_read_out_says_what_docs_tasks_md_says():
+    """docs/tasks.md and the README read minilm-code's verdicts from these records (6 epochs)."""
+    results = pd.read_csv(RECORDS / "minilm-code-sweep.csv")
+    random_features = pd.read_csv(RECORDS / "minilm-code-random-features.csv")["test_accuracy"]
+    assert len(results) == 15 and (results["status"] == "ok").all()
+    frozen = results.loc[results["method"] == "frozen", "test_metric"]
+    full = results.loc[results["method"] == "full", "test_metric"]
+    # Pretrained frozen features beat random ones by at least 5 seed sds (issue 15).
+    margin = frozen.mean() - random_features.mean()
+    assert margin >= 5 * max(frozen.std(), random_features.std())
+    # Fine-tuning gains far more than 0.15, by far more than the seed noise.
+    gain = compare_seeds(full, frozen)
+    assert gain.difference >= 0.15 and gain.difference >= 5 * max(full.std(), frozen.std())
+    # A rank can be read: 90% of the gain at r = 4, interval [1, 4] (one step of the grid
+    # 1, 4, 16); 95% is not reached by r = 16, and the three ranks are within noise of
+    # each other.
+    assert rank_for_gain(results, 0.9, "q,v") == 4
+    assert rank_for_gain_interval(results, 0.9, "q,v") == (1, 4)
+    assert rank_for_gain(results, 0.95, "q,v") is None
+    lora = {
+        r: results.query(f"method == 'lora' and rank == {r}")["test_metric"] for r in (1, 4, 16)
+    }
+    assert compare_seeds(lora[4], lora[1]).verdict == "within noise"
+    assert compare_seeds(lora[16], lora[4]).verdict == "within noise"
+    assert compare_seeds(lora[4], full).verdict == "lower"
