@@ -345,7 +345,9 @@ class MiniLMCodeTask(MiniLMTask):
 
     def read_at(self) -> int:
         """The mask token's id: each window has exactly one, at the blank."""
-        return self.tokenizer().convert_tokens_to_ids(_mask_token(self.tokenizer()))
+        tokenizer = self.tokenizer()
+        _mask_token(tokenizer)  # a tokenizer without one is refused with the fix
+        return tokenizer.mask_token_id
 
     @staticmethod
     def passages(tokenizer) -> dict[str, tuple[list[str], list[int]]]:
